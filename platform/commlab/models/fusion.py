@@ -1,0 +1,166 @@
+"""Fusion transformer over concatenated modality tokens, with modality masking.
+
+Masking a modality means leaving its tokens out. The n_mod+1 masked passes CoMM needs per view
+run as ONE batched forward: the token sequence is repeated once per mask and left-out tokens are
+removed from attention with a key mask. Masked keys get exactly zero attention weight, so this
+equals running the passes one by one on the shorter sequences (`fuse_sequential`, kept as the
+reference and for benchmarks). Padding masks are honoured in every path, and mean pooling
+averages only the tokens that are present and not padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Block(nn.Module):
+    """Pre-LN residual block: x + attn(ln(x)); x + mlp(ln(x)), MLP width 4x with QuickGELU."""
+
+    def __init__(self, width: int, n_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln_1 = nn.LayerNorm(width)
+        self.in_proj = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+        self.ln_2 = nn.LayerNorm(width)
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.act = QuickGELU()
+        self.c_proj = nn.Linear(4 * width, width)
+        self.dropout = dropout
+
+    def attention(self, x: Tensor, keep: Tensor | None) -> Tensor:
+        b, n, w = x.shape
+        q, k, v = self.in_proj(x).view(b, n, 3, self.n_heads, w // self.n_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        mask = keep[:, None, None, :] if keep is not None else None
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
+
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        x = x + self.attention(self.ln_1(x), keep)
+        h = self.c_proj(self.act(self.c_fc(self.ln_2(x))))
+        if self.dropout and self.training:
+            h = F.dropout(h, self.dropout)
+        return x + h
+
+
+class FusionTransformer(nn.Module):
+    """Concatenate modality tokens, prepend a CLS token (pool='cls'), run pre-LN blocks, pool.
+
+    tokens[m]: (B, L_m, E); pads[m]: (B, L_m) bool with True = padding, or None.
+    `masks`: list of K boolean lists (one flag per modality); returns K tensors (B, E).
+    Without masks, all modalities are fused once and a single (B, E) tensor is returned.
+    """
+
+    def __init__(
+        self, embed_dim: int, n_heads: int = 8, n_layers: int = 1, pool: str = "cls", dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if pool not in {"cls", "mean"}:
+            raise ValueError(f"fusion pool must be 'cls' or 'mean', got '{pool}'")
+        if embed_dim % n_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by n_heads={n_heads}")
+        self.pool = pool
+        self.cls = nn.Parameter(torch.randn(1, 1, embed_dim)) if pool == "cls" else None
+        self.blocks = nn.ModuleList(Block(embed_dim, n_heads, dropout) for _ in range(n_layers))
+        self.ln_post = nn.LayerNorm(embed_dim)
+        self._clip_init(embed_dim, n_layers)
+
+    def _clip_init(self, width: int, layers: int) -> None:
+        attn_std = width**-0.5
+        proj_std = width**-0.5 * (2 * layers) ** -0.5
+        fc_std = (2 * width) ** -0.5
+        for blk in self.blocks:
+            nn.init.normal_(blk.in_proj.weight, std=attn_std)
+            nn.init.zeros_(blk.in_proj.bias)
+            nn.init.normal_(blk.out_proj.weight, std=proj_std)
+            nn.init.zeros_(blk.out_proj.bias)
+            nn.init.normal_(blk.c_fc.weight, std=fc_std)
+            nn.init.normal_(blk.c_proj.weight, std=proj_std)
+
+    # ---------------------------------------------------------------- core
+    def _run(self, x: Tensor, present: Tensor) -> Tensor:
+        """x: (N, L, E) tokens; present: (N, L) True = token takes part. Returns (N, E)."""
+        keep: Tensor | None = present
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+            keep = torch.cat([present.new_ones(x.shape[0], 1), present], dim=1)
+        if keep is not None and bool(keep.all()):
+            keep = None  # lets SDPA use its fastest kernel
+        for blk in self.blocks:
+            x = blk(x, keep)
+        x = self.ln_post(x)
+        if self.cls is not None:
+            return x[:, 0]
+        w = present.to(x.dtype).unsqueeze(-1)
+        return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+    @staticmethod
+    def _present(tokens: list[Tensor], pads: list[Tensor | None]) -> Tensor:
+        parts = []
+        for t, p in zip(tokens, pads, strict=True):
+            parts.append(~p if p is not None else t.new_ones(t.shape[:2], dtype=torch.bool))
+        return torch.cat(parts, dim=1)
+
+    def forward(
+        self,
+        tokens: list[Tensor],
+        pads: list[Tensor | None],
+        masks: list[list[bool]] | None = None,
+    ) -> Tensor | list[Tensor]:
+        if masks is None:
+            return self._run(torch.cat(tokens, dim=1), self._present(tokens, pads))
+        return self.fuse_batched(tokens, pads, masks)
+
+    def fuse_batched(
+        self, tokens: list[Tensor], pads: list[Tensor | None], masks: list[list[bool]]
+    ) -> list[Tensor]:
+        self._check_masks(masks, len(tokens))
+        b = tokens[0].shape[0]
+        k = len(masks)
+        x = torch.cat(tokens, dim=1)
+        present = self._present(tokens, pads)  # (B, L)
+        lengths = [t.shape[1] for t in tokens]
+        sel = torch.tensor(
+            [[flag for flag, n in zip(m, lengths, strict=True) for _ in range(n)] for m in masks],
+            dtype=torch.bool,
+            device=x.device,
+        )  # (K, L)
+        keep = (present.unsqueeze(0) & sel.unsqueeze(1)).reshape(k * b, -1)
+        out = self._run(x.repeat(k, 1, 1), keep)
+        return list(out.view(k, b, -1).unbind(0))
+
+    def fuse_sequential(
+        self, tokens: list[Tensor], pads: list[Tensor | None], masks: list[list[bool]]
+    ) -> list[Tensor]:
+        """Reference path: one forward per mask on only the selected modalities' tokens."""
+        self._check_masks(masks, len(tokens))
+        outs = []
+        for m in masks:
+            ts = [t for t, f in zip(tokens, m, strict=True) if f]
+            ps = [p for p, f in zip(pads, m, strict=True) if f]
+            outs.append(self._run(torch.cat(ts, dim=1), self._present(ts, ps)))
+        return outs
+
+    @staticmethod
+    def _check_masks(masks: list[list[bool]], n_mod: int) -> None:
+        for m in masks:
+            if len(m) != n_mod:
+                raise ValueError(f"mask {m} has {len(m)} flags for {n_mod} modalities")
+            if not any(m):
+                raise ValueError("a fusion mask must keep at least one modality")
+
+
+def comm_masks(n_mod: int) -> list[list[bool]]:
+    """n_mod single-modality masks followed by the all-modality mask (CoMM's order)."""
+    singles = [[i == j for j in range(n_mod)] for i in range(n_mod)]
+    return [*singles, [True] * n_mod]
+

@@ -1,0 +1,28 @@
+"""Projection heads (training only; evaluation uses un-projected features)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class ProjectionHead(nn.Module):
+    """Linear -> BN -> ReLU -> Linear -> BN -> ReLU -> Linear (CoMM / SimCLR-style MLP head).
+
+    BatchNorm becomes SyncBatchNorm under data-parallel training (see commlab.train), so the
+    statistics are those of the global batch, as in the paper.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int = 512, out_dim: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, out_dim),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

@@ -1,0 +1,116 @@
+"""Self-describing checkpoints, loadable with `torch.load(weights_only=True)`.
+
+A checkpoint is a plain dict of tensors and primitive containers:
+  format, model, optimizer, scheduler, epoch, rng, config (resolved, JSON-able), metrics, seed,
+  data_fingerprint, code_version, packages, created_at.
+Nothing in it needs the original Python objects to load; `commlab.train.checkpoint.load_checkpoint`
+rebuilds the config, and `build_model_from_checkpoint` the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform as _platform
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "commlab-checkpoint/1"
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Git commit of the source tree (with '+dirty' when modified), else the package version."""
+    import commlab
+
+    here = Path(commlab.__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return f"commlab-{commlab.__version__}"
+
+
+@functools.lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    out = {"python": _platform.python_version()}
+    for pkg in ("commlab", "torch", "numpy", "kornia", "ray", "mlflow", "scikit-learn", "pyarrow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    state["numpy"] = {
+        "keys": torch.from_numpy(np_state[1].astype("int64")),
+        "pos": int(np_state[2]),
+        "has_gauss": int(np_state[3]),
+        "cached_gaussian": float(np_state[4]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    s = state["numpy"]
+    np.random.set_state(
+        ("MT19937", s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["cached_gaussian"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write atomically (temp file + rename), adding the provenance fields."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    full = {
+        "format": FORMAT,
+        "code_version": code_version(),
+        "packages": package_versions(),
+        "created_at": time.time(),
+        **payload,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(full, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a commlab checkpoint (format {FORMAT})")
+    return ckpt

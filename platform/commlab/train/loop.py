@@ -1,0 +1,297 @@
+"""The per-worker pretraining loop, written for world size N (1 locally, N on Ray Train).
+
+`PretrainRun` owns data, model, augmentations, optimiser and schedule for one worker.
+`run_epoch` trains one epoch and returns globally averaged metrics; `probe` extracts frozen
+features on rank 0 and broadcasts the metrics so no rank waits on a collective the others skip.
+`fit` drives epochs and calls `on_epoch_end(epoch, metrics, run)` where the caller reports,
+checkpoints and logs. It imports neither Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DistributedSampler
+
+from commlab import dist
+from commlab.augment import build_augmenter
+from commlab.config import ExperimentConfig
+from commlab.data import DataBundle, MultimodalDataset, build_data
+from commlab.models import Method, build_method
+from commlab.perf import count_flops, matmul_peak_flops
+from commlab.probe import run_probes
+from commlab.train.checkpoint import rng_state, set_rng_state
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the message names the step and the term."""
+
+
+@dataclass
+class WorkerContext:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norm parameters and other 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_norm = any(k in name.lower() for k in ("norm", ".ln", "ln_", "bn")) or ".bias" in name
+        (no_decay if p.ndim < 2 or is_norm else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_factor(cfg: ExperimentConfig, epoch: int) -> float:
+    """Per-epoch multiplier of optim.lr: linear warmup, then cosine to min_lr (or constant)."""
+    o, total = cfg.optim, cfg.train.epochs
+    if o.scheduler == "none":
+        return 1.0
+    if epoch < o.warmup_epochs:
+        start = o.warmup_start_lr / o.lr
+        return start + (1.0 - start) * epoch / o.warmup_epochs
+    span = max(1, total - o.warmup_epochs)
+    progress = (epoch - o.warmup_epochs) / span
+    floor = o.min_lr / o.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PretrainRun:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        ctx: WorkerContext | None = None,
+        data: DataBundle | None = None,
+        wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.ctx = ctx or WorkerContext(device=resolve_device(cfg.train.device))
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(cfg.seed)
+        d = cfg.data
+        self.data = data or build_data(d.name, d.path, cfg.seed, d.params)
+        ds = self.data.pretrain
+        self.kinds = [m.kind for m in ds.modalities]
+        shapes = [tuple(m.values.shape[1:]) for m in ds.modalities]
+        self.method: Method = build_method(cfg, shapes).to(self.ctx.device)
+        self.model: nn.Module = wrap_model(self.method) if wrap_model else self.method
+        self.augment = build_augmenter(cfg.augment, self.kinds)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.method, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas
+        )
+        self.train_ids = ds.split("train")
+        per_rank = d.batch_size // self.ctx.world_size
+        if per_rank < 2:
+            raise ValueError(
+                f"data.batch_size={d.batch_size} gives {per_rank} sample(s) per worker with "
+                f"{self.ctx.world_size} workers; need at least 2"
+            )
+        self.per_rank_batch = per_rank
+        self.sampler = DistributedSampler(
+            range(len(self.train_ids)),  # type: ignore[arg-type]
+            num_replicas=self.ctx.world_size,
+            rank=self.ctx.rank,
+            shuffle=True,
+            seed=cfg.seed,
+            drop_last=True,
+        )
+        self.steps_per_epoch = len(self.sampler) // per_rank
+        if cfg.train.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the train split has {len(self.train_ids)} samples: too few for one batch of "
+                f"{d.batch_size} on {self.ctx.world_size} worker(s)"
+            )
+        self.epoch = 0  # next epoch to run
+        self.global_step = 0
+        self.flops_per_sample: float | None = None
+        self.history: list[dict[str, float]] = []
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        set_rng_state(state["rng"])
+
+    # ---------------------------------------------------------------- training
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _views(self, ids: Tensor, gen: torch.Generator) -> tuple[Any, Any]:
+        batch = self.data.pretrain.batch(self.train_ids[ids]).to(self.ctx.device)
+        return self.augment(batch, gen), self.augment(batch, gen)
+
+    def _set_lr(self, epoch: int) -> float:
+        lr = self.cfg.optim.lr * lr_factor(self.cfg, epoch)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        return lr
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, ctx = self.cfg, self.ctx
+        self.model.train()
+        lr = self._set_lr(epoch)
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + ctx.rank)
+        gather = cfg.loss.gather and ctx.world_size > 1
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for step in range(self.steps_per_epoch):
+            ids = order[step * self.per_rank_batch : (step + 1) * self.per_rank_batch]
+            va, vb = self._views(ids, gen)
+            if self.flops_per_sample is None and ctx.rank == 0:
+                self.flops_per_sample = self._measure_flops(va, vb, gather) / (2 * va.size)
+            with self._autocast():
+                out = self.model(va, vb, gather=gather)
+            self._check_finite(out, step)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if cfg.optim.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.global_step += 1
+            for k, v in {"loss": out.loss.detach(), **out.terms, **out.acc}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        elapsed = time.perf_counter() - t0
+        n = self.steps_per_epoch
+        local = torch.tensor([sums[k] / n for k in sorted(sums)], dtype=torch.float64)
+        averaged = dist.all_reduce_mean(local)
+        metrics = {f"train/{k}": float(v) for k, v in zip(sorted(sums), averaged.tolist(), strict=True)}
+        samples_per_s = n * self.per_rank_batch * ctx.world_size / elapsed
+        metrics["perf/samples_per_s"] = samples_per_s
+        metrics["perf/epoch_time_s"] = elapsed
+        metrics["train/lr"] = lr
+        if self.flops_per_sample is not None:
+            peak = matmul_peak_flops(str(ctx.device)) * ctx.world_size
+            metrics["perf/mfu"] = self.flops_per_sample * samples_per_s / peak
+        return metrics
+
+    def _measure_flops(self, va: Any, vb: Any, gather: bool) -> float:
+        """FLOPs of one forward+backward on this batch (counted once; grads discarded)."""
+
+        def step() -> None:
+            out = self.method.loss(va, vb, gather=gather)
+            out.loss.backward()
+
+        flops = count_flops(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return flops
+
+    def _check_finite(self, out: Any, step: int) -> None:
+        bad = torch.tensor([0.0 if torch.isfinite(out.loss.detach()) else 1.0])
+        if self.ctx.world_size > 1:
+            bad = dist.all_reduce_mean(bad)
+        if float(bad) == 0.0:
+            return
+        terms = [k for k, v in out.terms.items() if not math.isfinite(float(v))]
+        which = ", ".join(terms) if terms else "loss"
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {self.epoch} step {step} (global step {self.global_step}); "
+            f"non-finite term(s): {which}"
+        )
+
+    # ---------------------------------------------------------------- probing
+    @torch.no_grad()
+    def extract(self, ds: MultimodalDataset, ids: Tensor, batch_size: int = 256) -> Tensor:
+        self.method.eval()
+        feats = []
+        for i in range(0, len(ids), batch_size):
+            batch = self.augment.prepare(ds.batch(ids[i : i + batch_size]).to(self.ctx.device))
+            with self._autocast():
+                feats.append(self.method.features(batch).float().cpu())
+        self.method.train()
+        return torch.cat(feats)
+
+    def probe(self) -> dict[str, float]:
+        metrics: dict[str, float] | None = None
+        if self.ctx.rank == 0:
+            metrics = self._probe_local()
+        metrics = dist.broadcast_object(metrics, src=0)
+        assert metrics is not None
+        return metrics
+
+    def _probe_local(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        ds = self.data.probe
+        tasks = {k: t for k, t in ds.tasks.items() if self.cfg.data.probe_tasks is None or k in self.cfg.data.probe_tasks}
+        if not tasks:
+            return {}
+        train_ids = ds.split("train")
+        cap = self.cfg.data.probe_max_train
+        if len(train_ids) > cap:
+            g = torch.Generator().manual_seed(12345)
+            train_ids = train_ids[torch.randperm(len(train_ids), generator=g)[:cap]]
+        test_ids = ds.split("test")
+        x_tr, x_te = self.extract(ds, train_ids), self.extract(ds, test_ids)
+        y_tr = {k: ds.labels[k][train_ids].numpy() for k in tasks}
+        y_te = {k: ds.labels[k][test_ids].numpy() for k in tasks}
+        out = run_probes(x_tr.numpy(), y_tr, x_te.numpy(), y_te, tasks, seed=self.cfg.seed)
+        out["perf/probe_time_s"] = time.perf_counter() - t0
+        return out
+
+    def should_probe(self, epoch: int) -> bool:
+        k = self.cfg.train.probe_every
+        last = epoch == self.cfg.train.epochs - 1
+        return last or (k > 0 and (epoch + 1) % k == 0)
+
+    # ---------------------------------------------------------------- driver
+    def fit(self, on_epoch_end: Callable[[int, dict[str, float], PretrainRun], None] | None = None) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        while self.epoch < self.cfg.train.epochs:
+            epoch = self.epoch
+            metrics = {"epoch": float(epoch), **self.run_epoch(epoch)}
+            if self.should_probe(epoch):
+                metrics.update(self.probe())
+            self.epoch = epoch + 1
+            self.history.append(metrics)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, metrics, self)
+        return metrics

@@ -1,0 +1,136 @@
+import pytest
+import torch
+
+from commlab.models.adapters import PatchAdapter, sincos_2d
+from commlab.models.fusion import FusionTransformer, comm_masks
+
+
+def _tokens(b=4, lengths=(5, 7, 3), e=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, e, generator=g) for n in lengths]
+
+
+def _pads(b, lengths, valid):
+    """pad masks with `valid[m][i]` valid tokens for sample i of modality m (None = all valid)."""
+    out = []
+    for n, v in zip(lengths, valid, strict=True):
+        if v is None:
+            out.append(None)
+        else:
+            out.append(torch.arange(n).unsqueeze(0) >= torch.tensor(v).unsqueeze(1))
+    return out
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("n_mod", [2, 3])
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_batched_masks_equal_sequential(pool, n_mod, n_layers):
+    torch.manual_seed(0)
+    lengths = (5, 7, 3)[:n_mod]
+    fusion = FusionTransformer(32, n_heads=4, n_layers=n_layers, pool=pool).eval()
+    tokens = _tokens(lengths=lengths)
+    valid = [[5, 2, 4, 1], None, [3, 3, 1, 2]][:n_mod]
+    pads = _pads(4, lengths, valid)
+    masks = comm_masks(n_mod)
+    batched = fusion.fuse_batched(tokens, pads, masks)
+    sequential = fusion.fuse_sequential(tokens, pads, masks)
+    assert len(batched) == n_mod + 1
+    for a, b in zip(batched, sequential, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_gradients_equal_sequential():
+    torch.manual_seed(1)
+    lengths = (4, 6)
+    f1 = FusionTransformer(32, 4, 1, "cls")
+    f2 = FusionTransformer(32, 4, 1, "cls")
+    f2.load_state_dict(f1.state_dict())
+    tokens = _tokens(lengths=lengths)
+    pads = _pads(4, lengths, [[4, 1, 2, 3], [6, 6, 2, 1]])
+    sum(o.square().sum() for o in f1.fuse_batched(tokens, pads, comm_masks(2))).backward()
+    sum(o.square().sum() for o in f2.fuse_sequential(tokens, pads, comm_masks(2))).backward()
+    for (n, p1), p2 in zip(f1.named_parameters(), f2.parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_padding_values_never_matter(pool):
+    """Changing what sits in padded positions changes nothing, in every fusion path."""
+    torch.manual_seed(2)
+    fusion = FusionTransformer(32, 4, 1, pool).eval()
+    lengths = (6, 4)
+    tokens = _tokens(lengths=lengths)
+    pads = _pads(4, lengths, [[2, 6, 3, 1], None])
+    noisy = [t.clone() for t in tokens]
+    noisy[0][pads[0]] = 1e3 * torch.randn_like(noisy[0][pads[0]])
+    for path in ("all", "batched", "sequential"):
+        if path == "all":
+            a, b = [fusion(tokens, pads)], [fusion(noisy, pads)]
+        else:
+            fn = getattr(fusion, f"fuse_{path}")
+            a, b = fn(tokens, pads, comm_masks(2)), fn(noisy, pads, comm_masks(2))
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_pool_ignores_padding_and_equals_unpadded():
+    """A sample fused with padding equals the same sample fused without it."""
+    torch.manual_seed(3)
+    fusion = FusionTransformer(32, 4, 1, "mean").eval()
+    t = torch.randn(1, 6, 32)
+    pad = torch.tensor([[False, False, False, True, True, True]])
+    other = torch.randn(1, 2, 32)
+    padded = fusion([t, other], [pad, None])
+    trimmed = fusion([t[:, :3], other], [None, None])
+    torch.testing.assert_close(padded, trimmed, atol=1e-5, rtol=1e-5)
+
+
+def test_all_modalities_mask_equals_plain_forward():
+    torch.manual_seed(4)
+    fusion = FusionTransformer(32, 4, 2, "cls").eval()
+    tokens = _tokens(lengths=(3, 5))
+    pads = _pads(4, (3, 5), [[3, 1, 2, 3], [5, 5, 1, 4]])
+    full = fusion.fuse_batched(tokens, pads, comm_masks(2))[-1]
+    torch.testing.assert_close(full, fusion(tokens, pads), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_masks_and_config():
+    fusion = FusionTransformer(32, 4, 1, "cls")
+    tokens = _tokens(lengths=(2, 2))
+    with pytest.raises(ValueError, match="at least one modality"):
+        fusion.fuse_batched(tokens, [None, None], [[False, False]])
+    with pytest.raises(ValueError, match="2 modalities"):
+        fusion.fuse_batched(tokens, [None, None], [[True]])
+    with pytest.raises(ValueError, match="not divisible"):
+        FusionTransformer(30, 4)
+    with pytest.raises(ValueError, match="pool"):
+        FusionTransformer(32, 4, pool="max")
+
+
+def test_clip_init_stds():
+    fusion = FusionTransformer(256, 8, 2)
+    blk = fusion.blocks[0]
+    assert abs(blk.in_proj.weight.std().item() - 256**-0.5) < 0.1 * 256**-0.5
+    assert abs(blk.c_proj.weight.std().item() - 256**-0.5 * 4**-0.5) < 0.1 * 256**-0.5 * 0.5
+    assert abs(blk.c_fc.weight.std().item() - 512**-0.5) < 0.1 * 512**-0.5
+    assert fusion.cls is not None and abs(fusion.cls.std().item() - 1.0) < 0.3
+
+
+def test_comm_masks_order():
+    assert comm_masks(2) == [[True, False], [False, True], [True, True]]
+    assert comm_masks(3)[-1] == [True, True, True] and len(comm_masks(3)) == 4
+
+
+def test_sincos_and_patch_adapter():
+    pe = sincos_2d(4, 4, 32)
+    assert pe.shape == (16, 32)
+    assert not pe.requires_grad
+    assert len({tuple(r.tolist()) for r in pe}) == 16  # every position distinct
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(2, 2, 30)
+    ada = PatchAdapter(8, 32)
+    tokens, pad = ada(torch.zeros(2, 8, 4, 4))
+    assert tokens.shape == (2, 16, 32) and pad is None
+    # zero input -> tokens are bias + the fixed positional embedding
+    torch.testing.assert_close(tokens[0] - ada.proj.bias, pe)
+    assert not any(p is ada._pos_cache for p in ada.parameters())

@@ -1,0 +1,120 @@
+import pytest
+import yaml
+
+from commlab.config import ConfigError, ExperimentConfig, apply_overrides, flatten, load_config
+
+
+def test_defaults_and_overrides_types():
+    cfg = load_config(overrides=["loss.temperature=0.2", "train.epochs=3", "optim.scheduler=cosine",
+                                 "model.head.out_dim=64", "loss.gather=false"])
+    assert cfg.loss.temperature == 0.2 and isinstance(cfg.loss.temperature, float)
+    assert cfg.train.epochs == 3 and cfg.optim.scheduler == "cosine"
+    assert cfg.model.head.out_dim == 64 and cfg.loss.gather is False
+
+
+def test_yaml_load_and_list_index_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"modalities": [{"encoder": {"name": "conv"}}, {"encoder": {"name": "mlp"}}]},
+                "augment": {"modalities": [{"kind": "image"}, {"kind": "tabular"}]},
+            }
+        )
+    )
+    cfg = load_config(path, ["augment.modalities.0.blur_p=0.25", "model.modalities.1.encoder.params.out_dim=7"])
+    assert cfg.augment.modalities[0].blur_p == 0.25
+    assert cfg.model.modalities[1].encoder.params == {"out_dim": 7}
+
+
+@pytest.mark.parametrize(
+    "override, key, suggestion",
+    [
+        ("loss.temprature=0.3", "loss.temprature", "temperature"),
+        ("optim.weight_decy=0.1", "optim.weight_decy", "weight_decay"),
+        ("trian.epochs=3", "trian.epochs", "train"),
+    ],
+)
+def test_typo_override_names_key_and_closest(override, key, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert key in str(err.value) and f"did you mean '{suggestion}'" in str(err.value)
+
+
+def test_typo_in_yaml_names_key_and_closest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.1\n  wieght_decay: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "optim.wieght_decay" in msg and "weight_decay" in msg and str(path) in msg
+
+
+def test_typo_in_augment_union_suggests_field(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("augment:\n  modalities:\n    - {kind: image, blur_prob: 0.3}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "augment.modalities.0.blur_prob" in str(err.value) and "blur_p" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("loss.temperature=0", "loss.temperature"),
+        ("loss.temperature=-1", "loss.temperature"),
+        ("model.embed_dim=100", "embed_dim"),
+        ("optim.lr=0", "optim.lr"),
+        ("data.batch_size=1", "data.batch_size"),
+        ("train.epochs=0", "train.epochs"),
+        ("model.dropout=1.5", "model.dropout"),
+    ],
+)
+def test_out_of_range_names_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert key in str(err.value)
+
+
+def test_probability_outside_unit_interval(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("augment:\n  modalities:\n    - {kind: image, jitter_p: 1.2}\n    - {kind: sequence, noise_p: -0.1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "augment.modalities.0.jitter_p" in str(err.value)
+    assert "augment.modalities.1.noise_p" in str(err.value)
+
+
+def test_crossed_ranges_and_inconsistent_sections(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("augment:\n  modalities:\n    - {kind: image, crop_scale_min: 0.9, crop_scale_max: 0.5}\n")
+    with pytest.raises(ConfigError, match="crop_scale_min"):
+        load_config(path)
+    path.write_text(
+        "model:\n  modalities:\n    - {encoder: {name: conv}}\n    - {encoder: {name: conv}}\n"
+        "loss: {weights: [1, 1]}\n"
+    )
+    with pytest.raises(ConfigError, match="loss.weights"):
+        load_config(path)
+
+
+def test_bad_override_syntax_and_index():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["loss.temperature"])
+    with pytest.raises(ConfigError, match="valid index"):
+        apply_overrides({"augment": {"modalities": [{"kind": "image"}]}}, ["augment.modalities.3.blur_p=0.1"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/x.yaml")
+
+
+def test_flatten_roundtrip_through_overrides():
+    cfg = load_config(overrides=["loss.temperature=0.3", "optim.betas=[0.8, 0.99]"])
+    flat = flatten(cfg)
+    assert flat["loss.temperature"] == 0.3
+    assert flat["optim.betas"] == [0.8, 0.99]
+    assert set(k for k in flat if "." not in k) == {"name", "seed"}
+    rebuilt = load_config(overrides=[f"{k}={v}" for k, v in flat.items() if v is not None and v != {} and v != []])
+    assert rebuilt == cfg
