@@ -1,12 +1,19 @@
 import pytest
 import yaml
 
-from commlab.config import ConfigError, ExperimentConfig, apply_overrides, flatten, load_config
+from commlab.config import ConfigError, apply_overrides, flatten, load_config
 
 
 def test_defaults_and_overrides_types():
-    cfg = load_config(overrides=["loss.temperature=0.2", "train.epochs=3", "optim.scheduler=cosine",
-                                 "model.head.out_dim=64", "loss.gather=false"])
+    cfg = load_config(
+        overrides=[
+            "loss.temperature=0.2",
+            "train.epochs=3",
+            "optim.scheduler=cosine",
+            "model.head.out_dim=64",
+            "loss.gather=false",
+        ]
+    )
     assert cfg.loss.temperature == 0.2 and isinstance(cfg.loss.temperature, float)
     assert cfg.train.epochs == 3 and cfg.optim.scheduler == "cosine"
     assert cfg.model.head.out_dim == 64 and cfg.loss.gather is False
@@ -17,12 +24,16 @@ def test_yaml_load_and_list_index_override(tmp_path):
     path.write_text(
         yaml.safe_dump(
             {
-                "model": {"modalities": [{"encoder": {"name": "conv"}}, {"encoder": {"name": "mlp"}}]},
+                "model": {
+                    "modalities": [{"encoder": {"name": "conv"}}, {"encoder": {"name": "mlp"}}]
+                },
                 "augment": {"modalities": [{"kind": "image"}, {"kind": "tabular"}]},
             }
         )
     )
-    cfg = load_config(path, ["augment.modalities.0.blur_p=0.25", "model.modalities.1.encoder.params.out_dim=7"])
+    cfg = load_config(
+        path, ["augment.modalities.0.blur_p=0.25", "model.modalities.1.encoder.params.out_dim=7"]
+    )
     assert cfg.augment.modalities[0].blur_p == 0.25
     assert cfg.model.modalities[1].encoder.params == {"out_dim": 7}
 
@@ -78,7 +89,9 @@ def test_out_of_range_names_key(override, key):
 
 def test_probability_outside_unit_interval(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("augment:\n  modalities:\n    - {kind: image, jitter_p: 1.2}\n    - {kind: sequence, noise_p: -0.1}\n")
+    path.write_text(
+        "augment:\n  modalities:\n    - {kind: image, jitter_p: 1.2}\n    - {kind: sequence, noise_p: -0.1}\n"
+    )
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert "augment.modalities.0.jitter_p" in str(err.value)
@@ -87,7 +100,9 @@ def test_probability_outside_unit_interval(tmp_path):
 
 def test_crossed_ranges_and_inconsistent_sections(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("augment:\n  modalities:\n    - {kind: image, crop_scale_min: 0.9, crop_scale_max: 0.5}\n")
+    path.write_text(
+        "augment:\n  modalities:\n    - {kind: image, crop_scale_min: 0.9, crop_scale_max: 0.5}\n"
+    )
     with pytest.raises(ConfigError, match="crop_scale_min"):
         load_config(path)
     path.write_text(
@@ -102,7 +117,9 @@ def test_bad_override_syntax_and_index():
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["loss.temperature"])
     with pytest.raises(ConfigError, match="valid index"):
-        apply_overrides({"augment": {"modalities": [{"kind": "image"}]}}, ["augment.modalities.3.blur_p=0.1"])
+        apply_overrides(
+            {"augment": {"modalities": [{"kind": "image"}]}}, ["augment.modalities.3.blur_p=0.1"]
+        )
 
 
 def test_missing_file():
@@ -116,5 +133,7 @@ def test_flatten_roundtrip_through_overrides():
     assert flat["loss.temperature"] == 0.3
     assert flat["optim.betas"] == [0.8, 0.99]
     assert set(k for k in flat if "." not in k) == {"name", "seed"}
-    rebuilt = load_config(overrides=[f"{k}={v}" for k, v in flat.items() if v is not None and v != {} and v != []])
+    rebuilt = load_config(
+        overrides=[f"{k}={v}" for k, v in flat.items() if v is not None and v != {} and v != []]
+    )
     assert rebuilt == cfg

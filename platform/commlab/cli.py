@@ -29,9 +29,15 @@ def _fail(msg: str) -> typer.Exit:
 @app.command()
 def pretrain(
     config: Annotated[Path, typer.Argument(help="experiment YAML (see configs/)")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
-    out: Annotated[Path | None, typer.Option(help="run directory (default: train.out_dir/name)")] = None,
-    resume: Annotated[bool, typer.Option(help="continue from the checkpoint in the run directory")] = False,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted key=value overrides")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="run directory (default: train.out_dir/name)")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue from the checkpoint in the run directory")
+    ] = False,
 ) -> None:
     """Pretrain locally in this process; probes every train.probe_every epochs."""
     from commlab.config import ConfigError, load_config
@@ -46,8 +52,12 @@ def pretrain(
 
 @config_app.command("show")
 def config_show(
-    config: Annotated[Path | None, typer.Argument(help="experiment YAML; defaults if omitted")] = None,
-    overrides: Annotated[list[str] | None, typer.Argument(help="dotted key=value overrides")] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="experiment YAML; defaults if omitted")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted key=value overrides")
+    ] = None,
     flat: Annotated[bool, typer.Option(help="print dotted keys instead of YAML")] = False,
 ) -> None:
     """Print the resolved (validated, overridden) configuration."""

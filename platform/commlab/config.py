@@ -274,7 +274,9 @@ def _suggest(key: str, valid: list[str]) -> str:
 def _format_error(err: ValidationError, source: str = "") -> ConfigError:
     lines = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if p not in {"image", "sequence", "tabular", "text", "none"})
+        loc = tuple(
+            p for p in e["loc"] if p not in {"image", "sequence", "tabular", "text", "none"}
+        )
         dotted = ".".join(str(p) for p in loc) or "<root>"
         if e["type"] == "extra_forbidden":
             parent = tuple(loc[:-1])
@@ -339,7 +341,9 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override '{key}': '{part}' is not a valid index (0..{len(node) - 1})")
+                raise ConfigError(
+                    f"override '{key}': '{part}' is not a valid index (0..{len(node) - 1})"
+                )
             if last:
                 node[int(part)] = value
             else:

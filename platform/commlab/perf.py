@@ -11,7 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 @lru_cache(maxsize=4)
-def matmul_peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+def matmul_peak_flops(
+    device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024
+) -> float:
     """Measured dense matmul throughput (FLOP/s) of this process's threads on `device`.
 
     The best of several timed (n x n) @ (n x n) products; MFU = achieved model FLOP/s / this.

@@ -78,7 +78,9 @@ class MultimodalDataset:
         n = len(self)
         for m in self.modalities:
             if m.index.shape[0] != n:
-                raise ValueError(f"modality '{m.name}' has {m.index.shape[0]} samples, expected {n}")
+                raise ValueError(
+                    f"modality '{m.name}' has {m.index.shape[0]} samples, expected {n}"
+                )
         for name, y in self.labels.items():
             if y.shape[0] != n:
                 raise ValueError(f"label '{name}' has {y.shape[0]} rows, expected {n}")

@@ -83,7 +83,9 @@ class SimpleToken(nn.Module):
     def __init__(self, in_dim: int, embed_dim: int) -> None:
         super().__init__()
         if in_dim != embed_dim:
-            raise ValueError(f"simple adapter needs encoder out_dim ({in_dim}) == embed_dim ({embed_dim})")
+            raise ValueError(
+                f"simple adapter needs encoder out_dim ({in_dim}) == embed_dim ({embed_dim})"
+            )
 
     def forward(self, x: Tensor, pad: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         return x.flatten(1).unsqueeze(1), None

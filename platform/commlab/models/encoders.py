@@ -82,7 +82,9 @@ class SequenceTransformer(nn.Module):
     ) -> None:
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"transformer encoder: d_model={d_model} not divisible by n_heads={n_heads}")
+            raise ValueError(
+                f"transformer encoder: d_model={d_model} not divisible by n_heads={n_heads}"
+            )
         self.proj = nn.Linear(in_dim, d_model, bias=False)
         layer = nn.TransformerEncoderLayer(
             d_model, n_heads, ff_dim, dropout, batch_first=True, norm_first=True
@@ -143,12 +145,16 @@ class TokenEmbedding(nn.Module):
     sentence encoder is available locally.
     """
 
-    def __init__(self, vocab_size: int, dim: int = 128, n_layers: int = 2, n_heads: int = 4) -> None:
+    def __init__(
+        self, vocab_size: int, dim: int = 128, n_layers: int = 2, n_heads: int = 4
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(1, 512, dim))
         nn.init.normal_(self.pos, std=0.02)
-        layer = nn.TransformerEncoderLayer(dim, n_heads, 4 * dim, 0.1, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, n_heads, 4 * dim, 0.1, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.out_dim = dim
 

@@ -61,7 +61,12 @@ class FusionTransformer(nn.Module):
     """
 
     def __init__(
-        self, embed_dim: int, n_heads: int = 8, n_layers: int = 1, pool: str = "cls", dropout: float = 0.0
+        self,
+        embed_dim: int,
+        n_heads: int = 8,
+        n_layers: int = 1,
+        pool: str = "cls",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if pool not in {"cls", "mean"}:
@@ -163,4 +168,3 @@ def comm_masks(n_mod: int) -> list[list[bool]]:
     """n_mod single-modality masks followed by the all-modality mask (CoMM's order)."""
     singles = [[i == j for j in range(n_mod)] for i in range(n_mod)]
     return [*singles, [True] * n_mod]
-

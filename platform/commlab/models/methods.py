@@ -20,7 +20,14 @@ from commlab.models.adapters import ADAPTERS
 from commlab.models.encoders import ENCODERS
 from commlab.models.fusion import FusionTransformer, comm_masks
 from commlab.models.heads import ProjectionHead
-from commlab.objectives import LogitScale, LossOutput, clip_loss, cmc_loss, comm_loss, cross_self_loss
+from commlab.objectives import (
+    LogitScale,
+    LossOutput,
+    clip_loss,
+    cmc_loss,
+    comm_loss,
+    cross_self_loss,
+)
 from commlab.registry import Registry
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -40,7 +47,9 @@ def _fill_input_dims(name: str, params: dict[str, Any], shape: tuple[int, ...]) 
 class ModalityStack(nn.Module):
     """Per-modality encoder + adapter: a Batch -> per-modality tokens (B, L_m, E) and pads."""
 
-    def __init__(self, mods: list[ModalityModelConfig], shapes: list[tuple[int, ...]], embed_dim: int):
+    def __init__(
+        self, mods: list[ModalityModelConfig], shapes: list[tuple[int, ...]], embed_dim: int
+    ):
         super().__init__()
         if not mods:
             raise ValueError("model.modalities is empty: configure one encoder per modality")
@@ -52,7 +61,9 @@ class ModalityStack(nn.Module):
         self.adapters = nn.ModuleList()
         for i, (m, shape) in enumerate(zip(mods, shapes, strict=True)):
             try:
-                enc = ENCODERS.build(m.encoder.name, **_fill_input_dims(m.encoder.name, m.encoder.params, shape))
+                enc = ENCODERS.build(
+                    m.encoder.name, **_fill_input_dims(m.encoder.name, m.encoder.params, shape)
+                )
                 ada = ADAPTERS.build(m.adapter.name, enc.out_dim, embed_dim, **m.adapter.params)
             except ValueError as err:
                 raise ValueError(f"model.modalities.{i}: {err}") from None
@@ -71,7 +82,9 @@ class ModalityStack(nn.Module):
 
 def _cat_views(a: Batch, b: Batch) -> Batch:
     """Stack two views along the batch axis so encoders run once on 2B samples."""
-    pads = [None if pa is None else torch.cat([pa, pb]) for pa, pb in zip(a.pad, b.pad, strict=True)]
+    pads = [
+        None if pa is None else torch.cat([pa, pb]) for pa, pb in zip(a.pad, b.pad, strict=True)
+    ]
     return Batch(xs=[torch.cat([xa, xb]) for xa, xb in zip(a.xs, b.xs, strict=True)], pad=pads)
 
 
@@ -154,7 +167,7 @@ class Cross(Method):
 
     def loss(self, view_a: Batch, view_b: Batch, gather: bool = False) -> LossOutput:
         h = self.unimodal(view_a)
-        return clip_loss(self.proj[0](h[0]), self.proj[1](h[1]), self.logit_scale.value, gather=gather)
+        return clip_loss(self.proj[0](h[0]), self.proj[1](h[1]), self.logit_scale(), gather=gather)
 
     def features(self, batch: Batch) -> Tensor:
         return torch.cat(self.unimodal(batch), dim=1)
@@ -179,7 +192,13 @@ class CrossSelf(Method):
         h = self.unimodal(_cat_views(view_a, view_b))
         z1, z2 = self.heads[0](h[0]), self.heads[1](h[1])
         return cross_self_loss(
-            z1[:b], z2[:b], z1[b:], z2[b:], self.cfg.loss.temperature, self.cfg.loss.ssl_scale, gather=gather
+            z1[:b],
+            z2[:b],
+            z1[b:],
+            z2[b:],
+            self.cfg.loss.temperature,
+            self.cfg.loss.ssl_scale,
+            gather=gather,
         )
 
     def features(self, batch: Batch) -> Tensor:

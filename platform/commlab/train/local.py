@@ -38,7 +38,8 @@ def checkpoint_payload(run: PretrainRun, metrics: dict[str, float]) -> dict[str,
         "seed": run.cfg.seed,
         "data_fingerprint": ds.fingerprint,
         "modalities": [
-            {"name": m.name, "kind": m.kind, "shape": list(m.values.shape[1:])} for m in ds.modalities
+            {"name": m.name, "kind": m.kind, "shape": list(m.values.shape[1:])}
+            for m in ds.modalities
         ],
     }
 

@@ -110,7 +110,9 @@ class PretrainRun:
         self.model: nn.Module = wrap_model(self.method) if wrap_model else self.method
         self.augment = build_augmenter(cfg.augment, self.kinds)
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.method, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas
+            param_groups(self.method, cfg.optim.weight_decay),
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
         )
         self.train_ids = ds.split("train")
         per_rank = d.batch_size // self.ctx.world_size
@@ -204,7 +206,9 @@ class PretrainRun:
         n = self.steps_per_epoch
         local = torch.tensor([sums[k] / n for k in sorted(sums)], dtype=torch.float64)
         averaged = dist.all_reduce_mean(local)
-        metrics = {f"train/{k}": float(v) for k, v in zip(sorted(sums), averaged.tolist(), strict=True)}
+        metrics = {
+            f"train/{k}": float(v) for k, v in zip(sorted(sums), averaged.tolist(), strict=True)
+        }
         samples_per_s = n * self.per_rank_batch * ctx.world_size / elapsed
         metrics["perf/samples_per_s"] = samples_per_s
         metrics["perf/epoch_time_s"] = elapsed
@@ -261,7 +265,11 @@ class PretrainRun:
     def _probe_local(self) -> dict[str, float]:
         t0 = time.perf_counter()
         ds = self.data.probe
-        tasks = {k: t for k, t in ds.tasks.items() if self.cfg.data.probe_tasks is None or k in self.cfg.data.probe_tasks}
+        tasks = {
+            k: t
+            for k, t in ds.tasks.items()
+            if self.cfg.data.probe_tasks is None or k in self.cfg.data.probe_tasks
+        }
         if not tasks:
             return {}
         train_ids = ds.split("train")
@@ -283,7 +291,9 @@ class PretrainRun:
         return last or (k > 0 and (epoch + 1) % k == 0)
 
     # ---------------------------------------------------------------- driver
-    def fit(self, on_epoch_end: Callable[[int, dict[str, float], PretrainRun], None] | None = None) -> dict[str, float]:
+    def fit(
+        self, on_epoch_end: Callable[[int, dict[str, float], PretrainRun], None] | None = None
+    ) -> dict[str, float]:
         metrics: dict[str, float] = {}
         while self.epoch < self.cfg.train.epochs:
             epoch = self.epoch

@@ -1,0 +1,225 @@
+"""Batched SimCLR image recipe (CoMM §3.1) on (B, C, H, W) tensors, C = 1 or 3.
+
+Order: random resized crop, colour jitter, grayscale, Gaussian blur, horizontal flip, ImageNet
+normalisation. Every per-sample parameter is drawn on CPU from an explicit `torch.Generator` and
+then moved to the image's device, so a seed gives the same views on CPU and GPU. A sample that
+is not selected by an op's probability is passed through with `torch.where`, bit-exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from kornia.color import rgb_to_grayscale
+from kornia.enhance import adjust_hue
+from kornia.filters import gaussian_blur2d
+from kornia.geometry.transform import crop_and_resize
+from torch import Tensor
+
+from commlab.config import ImageAugmentConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_RATIO = (3 / 4, 4 / 3)
+_CROP_TRIES = 10  # torchvision's RandomResizedCrop attempts before its centre-crop fallback
+
+
+def _uniform(
+    generator: torch.Generator, shape: tuple[int, ...], lo: float, hi: float, device: torch.device
+) -> Tensor:
+    return (lo + (hi - lo) * torch.rand(shape, generator=generator)).to(device)
+
+
+def _chosen(generator: torch.Generator, batch: int, p: float, device: torch.device) -> Tensor:
+    """(B,) bool: which samples an op with probability `p` applies to."""
+    return _uniform(generator, (batch,), 0.0, 1.0, device) < p
+
+
+def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+def to_float(x: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]; float inputs are taken to be in [0, 1] already."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float()
+
+
+def normalize(x: Tensor) -> Tensor:
+    """ImageNet mean/std; a 1-channel image uses the mean of the three channel statistics."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device)
+    std = torch.tensor(IMAGENET_STD, device=x.device)
+    if x.shape[1] == 1:
+        mean, std = mean.mean(0, keepdim=True), std.mean(0, keepdim=True)
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def crop_boxes(
+    generator: torch.Generator, batch: int, height: int, width: int, scale: tuple[float, float]
+) -> Tensor:
+    """(B, 4, 2) integer-pixel crop corners (tl, tr, br, bl; x then y) following torchvision's
+    RandomResizedCrop: up to 10 (area, log-ratio) draws per sample, the first that fits wins,
+    otherwise the whole image clamped to the ratio range."""
+    area = height * width
+    s = scale[0] + (scale[1] - scale[0]) * torch.rand((batch, _CROP_TRIES), generator=generator)
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    ratio = torch.exp(
+        log_lo + (log_hi - log_lo) * torch.rand((batch, _CROP_TRIES), generator=generator)
+    )
+    w = torch.sqrt(area * s * ratio).round()
+    h = torch.sqrt(area * s / ratio).round()
+    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # index of the first fitting try (0 if none fits)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+
+    in_ratio = width / height
+    if in_ratio < CROP_RATIO[0]:
+        fw, fh = width, round(width / CROP_RATIO[0])
+    elif in_ratio > CROP_RATIO[1]:
+        fw, fh = round(height * CROP_RATIO[1]), height
+    else:
+        fw, fh = width, height
+    any_fits = fits.any(1)
+    w = torch.where(any_fits, w, torch.full_like(w, fw))
+    h = torch.where(any_fits, h, torch.full_like(h, fh))
+    top = (torch.rand(batch, generator=generator) * (height - h + 1)).floor()
+    left = (torch.rand(batch, generator=generator) * (width - w + 1)).floor()
+    x0, y0, x1, y1 = left, top, left + w - 1, top + h - 1
+    return torch.stack(
+        [
+            torch.stack([x0, y0], -1),
+            torch.stack([x1, y0], -1),
+            torch.stack([x1, y1], -1),
+            torch.stack([x0, y1], -1),
+        ],
+        dim=1,
+    )
+
+
+def random_resized_crop(
+    x: Tensor, generator: torch.Generator, scale: tuple[float, float], p: float
+) -> Tensor:
+    if p == 0:
+        return x
+    b, _, height, width = x.shape
+    apply = _chosen(generator, b, p, x.device)
+    boxes = crop_boxes(generator, b, height, width, scale).to(x.device)
+    cropped = crop_and_resize(x, boxes, (height, width), align_corners=True)
+    return _where(apply, cropped, x)
+
+
+def _gray(x: Tensor) -> Tensor:
+    return rgb_to_grayscale(x) if x.shape[1] == 3 else x
+
+
+def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
+    """torchvision's `_blend`: factor * a + (1 - factor) * b, clamped to [0, 1]."""
+    f = factor.view(-1, 1, 1, 1)
+    return (f * a + (1 - f) * b).clamp(0.0, 1.0)
+
+
+def color_jitter(
+    x: Tensor,
+    generator: torch.Generator,
+    brightness: float,
+    contrast: float,
+    saturation: float,
+    hue: float,
+    p: float,
+) -> Tensor:
+    """torchvision ColorJitter semantics in a fixed order (brightness, contrast, saturation, hue);
+    a strength of 0 turns that component off. Saturation and hue are no-ops on 1-channel images."""
+    rgb = x.shape[1] == 3
+    if p == 0 or (brightness == contrast == 0 and (not rgb or saturation == hue == 0)):
+        return x
+    b = x.shape[0]
+    apply = _chosen(generator, b, p, x.device)
+
+    def factor(strength: float) -> Tensor:
+        return _uniform(generator, (b,), max(0.0, 1 - strength), 1 + strength, x.device)
+
+    out = x
+    if brightness > 0:
+        out = _blend(out, torch.zeros_like(out), factor(brightness))
+    if contrast > 0:
+        mean = _gray(out).mean(dim=(1, 2, 3), keepdim=True)
+        out = _blend(out, mean.expand_as(out), factor(contrast))
+    if rgb and saturation > 0:
+        out = _blend(out, _gray(out).expand_as(out), factor(saturation))
+    if rgb and hue > 0:
+        # torchvision's hue factor is a fraction of the colour circle; kornia's is in radians
+        out = adjust_hue(out, _uniform(generator, (b,), -hue, hue, x.device) * (2 * math.pi))
+    return _where(apply, out, x)
+
+
+def random_grayscale(x: Tensor, generator: torch.Generator, p: float) -> Tensor:
+    if p == 0 or x.shape[1] == 1:
+        return x
+    apply = _chosen(generator, x.shape[0], p, x.device)
+    return _where(apply, rgb_to_grayscale(x).expand_as(x), x)
+
+
+def blur_kernel_size(height: int, width: int) -> int:
+    """About 10% of the shorter image side, odd, at least 3 (SimCLR's choice)."""
+    k = int(0.1 * min(height, width))
+    return max(3, k if k % 2 else k + 1)
+
+
+def random_blur(
+    x: Tensor, generator: torch.Generator, sigma: tuple[float, float], p: float
+) -> Tensor:
+    if p == 0:
+        return x
+    b, _, height, width = x.shape
+    apply = _chosen(generator, b, p, x.device)
+    s = _uniform(generator, (b,), sigma[0], sigma[1], x.device)
+    k = blur_kernel_size(height, width)
+    blurred = gaussian_blur2d(x, (k, k), torch.stack([s, s], dim=-1))
+    return _where(apply, blurred, x)
+
+
+def random_hflip(x: Tensor, generator: torch.Generator, p: float) -> Tensor:
+    if p == 0:
+        return x
+    apply = _chosen(generator, x.shape[0], p, x.device)
+    return _where(apply, x.flip(-1), x)
+
+
+class ImageAugmenter:
+    """The SimCLR recipe, configured by `ImageAugmentConfig`. Input uint8 or float (B, C, H, W);
+    output float32 of the same shape on the same device."""
+
+    def __init__(self, cfg: ImageAugmentConfig | None = None) -> None:
+        self.cfg = cfg or ImageAugmentConfig()
+
+    def __call__(self, x: Tensor, pad: Tensor | None, generator: torch.Generator) -> Tensor:
+        _check_image(x)
+        c = self.cfg
+        x = to_float(x)
+        x = random_resized_crop(x, generator, (c.crop_scale_min, c.crop_scale_max), c.crop_p)
+        x = color_jitter(
+            x,
+            generator,
+            c.jitter_brightness,
+            c.jitter_contrast,
+            c.jitter_saturation,
+            c.jitter_hue,
+            c.jitter_p,
+        )
+        x = random_grayscale(x, generator, c.grayscale_p)
+        x = random_blur(x, generator, (c.blur_sigma_min, c.blur_sigma_max), c.blur_p)
+        x = random_hflip(x, generator, c.flip_p)
+        return normalize(x) if c.normalize else x
+
+    def prepare(self, x: Tensor, pad: Tensor | None = None) -> Tensor:
+        """Deterministic evaluation path: float conversion and (if configured) normalisation."""
+        _check_image(x)
+        x = to_float(x)
+        return normalize(x) if self.cfg.normalize else x
+
+
+def _check_image(x: Tensor) -> None:
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (B, C, H, W) with C in (1, 3), got {tuple(x.shape)}")

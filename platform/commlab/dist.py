@@ -1,0 +1,140 @@
+"""Every torch.distributed call in commlab lives here (STYLE.md §5).
+
+Each helper is the identity (or a no-op) when no process group is initialised, so objectives and
+training code call them unconditionally. Works with gloo on CPU and NCCL on GPU.
+
+Contrastive losses gather embeddings across workers so that every rank sees the global batch as
+negatives (SimCLR, Chen et al. ICML 2020; CoMM, Dufumier et al. ICLR 2025). `gather_with_grad`
+keeps the graph: every rank computes the same global loss, its backward all-reduces (sums) the
+incoming gradient and keeps this rank's rows, so each rank's local gradient is world_size x the
+single-process one and DDP's gradient averaging cancels the factor.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as tdist
+from torch import Tensor
+
+R = TypeVar("R")
+
+
+def is_dist() -> bool:
+    """True when torch.distributed is available and a process group is initialised."""
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def get_rank() -> int:
+    return tdist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return tdist.get_world_size() if is_dist() else 1
+
+
+def _all_gather_cat(x: Tensor) -> tuple[Tensor, list[int]]:
+    """all_gather `x` (n_r, ...) from every rank and concatenate in rank order.
+
+    Per-rank batch sizes may differ (e.g. a last batch with drop_last=False): sizes are exchanged
+    first and shorter tensors padded, because all_gather needs equal shapes.
+    Returns the (sum_r n_r, ...) tensor and the list of n_r.
+    """
+    sizes = gather_sizes(x.shape[0], x.device)
+    longest = max(sizes)
+    x = x.contiguous()
+    if x.shape[0] < longest:
+        pad = x.new_zeros((longest - x.shape[0], *x.shape[1:]))
+        x = torch.cat([x, pad])
+    bufs = [torch.empty_like(x) for _ in sizes]
+    tdist.all_gather(bufs, x)
+    return torch.cat([b[:n] for b, n in zip(bufs, sizes, strict=True)]), sizes
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        out, sizes = _all_gather_cat(x)
+        rank = get_rank()
+        ctx.start = sum(sizes[:rank])
+        ctx.stop = ctx.start + sizes[rank]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        # Every rank's loss depends on every rank's rows: sum the contributions, keep ours.
+        grad = grad.contiguous().clone()
+        tdist.all_reduce(grad, op=tdist.ReduceOp.SUM)
+        return grad[ctx.start : ctx.stop]
+
+
+def gather_with_grad(x: Tensor) -> Tensor:
+    """(n, ...) -> (sum over ranks of n, ...), concatenated in rank order, differentiable.
+
+    Backward: all-reduce SUM of the incoming gradient, then this rank's slice.
+    Identity when not distributed.
+    """
+    if not is_dist() or get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_no_grad(x: Tensor) -> Tensor:
+    """(n, ...) -> (sum over ranks of n, ...) in rank order, detached. Identity (detached) when
+    not distributed."""
+    if not is_dist() or get_world_size() == 1:
+        return x.detach()
+    with torch.no_grad():
+        return _all_gather_cat(x.detach())[0]
+
+
+def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's value of `n` (e.g. its local batch size), in rank order; `[n]` when not
+    distributed."""
+    if not is_dist():
+        return [n]
+    size = torch.tensor([n], dtype=torch.long, device=device)
+    out = [torch.zeros_like(size) for _ in range(get_world_size())]
+    tdist.all_gather(out, size)
+    return [int(s.item()) for s in out]
+
+
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """Mean of `t` over ranks (a new tensor; the input is not modified). Identity when not
+    distributed."""
+    if not is_dist():
+        return t
+    out = t.detach().clone()
+    if not out.is_floating_point():
+        out = out.double()
+    tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+    return out / get_world_size()
+
+
+def broadcast_object(obj: R, src: int = 0) -> R:
+    """Rank `src`'s picklable `obj` on every rank. Identity when not distributed."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_dist():
+        tdist.barrier()
+
+
+def rank_zero_only(fn: Callable[..., R]) -> Callable[..., R | None]:
+    """Decorator: run `fn` on rank 0 only; other ranks get None. The rank is read at call time."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> R | None:
+        if get_rank() == 0:
+            return fn(*args, **kwargs)
+        return None
+
+    return wrapper

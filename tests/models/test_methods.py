@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from commlab.augment import build_augmenter
+from commlab.models import METHODS, build_method
+from tests.conftest import toy_config, toy_sequence_dataset
+
+
+def _setup(method):
+    cfg = toy_config(method)
+    ds = toy_sequence_dataset()
+    model = build_method(cfg, [tuple(m.values.shape[1:]) for m in ds.modalities])
+    aug = build_augmenter(cfg.augment, ["sequence", "sequence"])
+    batch = ds.batch(torch.arange(16))
+    g = torch.Generator().manual_seed(0)
+    return cfg, model, aug, batch, g
+
+
+@pytest.mark.parametrize("method", ["comm", "cross", "cross_self", "cmc"])
+def test_every_method_trains_and_embeds(method):
+    cfg, model, aug, batch, g = _setup(method)
+    va, vb = aug(batch, g), aug(batch, g)
+    out = model(va, vb)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert "ssl_acc" in out.acc
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(gr is not None for gr in grads), "every parameter takes part in the loss"
+    model.eval()
+    feats = model.features(aug.prepare(batch))
+    width = cfg.model.embed_dim * (1 if method == "comm" else 2)
+    assert feats.shape == (16, width)
+
+
+def test_method_registry_lists_names():
+    assert set(METHODS.names()) >= {"comm", "cross", "cross_self", "cmc"}
+    cfg = toy_config("nope")
+    with pytest.raises(ValueError, match="valid: cmc, comm, cross, cross_self"):
+        build_method(cfg, [(8, 6), (8, 5)])
+
+
+def test_comm_loss_has_nmod_plus_one_terms():
+    _, model, aug, batch, g = _setup("comm")
+    out = model(aug(batch, g), aug(batch, g))
+    assert sorted(out.terms) == ["ssl_loss_0", "ssl_loss_1", "ssl_loss_2"]
+
+
+@pytest.mark.parametrize("method", ["comm", "cross_self"])
+def test_padding_is_masked_in_training_and_evaluation(method):
+    """Garbage in padded positions changes neither the training loss nor the features."""
+    _, model, aug, batch, g = _setup(method)
+    model.eval()  # fixed BN statistics so the two passes are comparable
+    va = aug.prepare(batch)
+    noisy = aug.prepare(batch)
+    for x, pad in zip(noisy.xs, noisy.pad, strict=True):
+        assert pad is not None and pad.any()
+        x[pad] = 1e4
+    torch.testing.assert_close(model.features(va), model.features(noisy), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model(va, va).loss, model(noisy, noisy).loss, atol=1e-4, rtol=1e-4)
+
+
+def test_encoder_config_errors_name_the_modality():
+    cfg = toy_config("comm", ("model.modalities.1.encoder.params.hidden=12",))
+    with pytest.raises(ValueError, match="model.modalities.1"):
+        build_method(cfg, [(8, 6), (8, 5)])
+    cfg = toy_config("comm", ("model.modalities.0.encoder.name=convv",))
+    with pytest.raises(ValueError, match="unknown encoder 'convv'"):
+        build_method(cfg, [(8, 6), (8, 5)])
+    with pytest.raises(ValueError, match="has 2 entries but the dataset has 1"):
+        build_method(toy_config("cross"), [(8, 6)])

@@ -1,0 +1,214 @@
+"""commlab.dist and the gathering objectives on 2 CPU processes (gloo).
+
+One spawn runs every check; each child writes its results to tmp files and the parent asserts
+them against single-process runs on the concatenated global batch.
+"""
+
+from __future__ import annotations
+
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from commlab import dist
+from commlab.objectives import (
+    LogitScale,
+    LossOutput,
+    clip_loss,
+    cmc_loss,
+    comm_loss,
+    cross_self_loss,
+)
+
+WORLD = 2
+B = 3  # per-rank batch
+D_IN, D = 6, 5
+TIMEOUT_S = 60
+
+
+def _comm(xs: list[Tensor], gather: bool) -> LossOutput:
+    return comm_loss(xs[:3], xs[3:], temperature=0.2, gather=gather)  # 2 modalities + full
+
+
+def _cross_self(xs: list[Tensor], gather: bool) -> LossOutput:
+    return cross_self_loss(*xs, temperature=0.2, ssl_scale=0.7, gather=gather)
+
+
+def _cmc(xs: list[Tensor], gather: bool) -> LossOutput:
+    return cmc_loss(xs, temperature=0.2, gather=gather)
+
+
+# name -> (objective, number of (B, D) inputs)
+CASES: dict[str, tuple[Callable[[list[Tensor], bool], LossOutput], int]] = {
+    "comm": (_comm, 6),
+    "cross_self": (_cross_self, 4),
+    "cmc": (_cmc, 3),
+}
+
+
+def _global_inputs(n: int, width: int, seed: int) -> list[Tensor]:
+    """The global batch (WORLD * B rows), identical on every process."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(WORLD * B, width, generator=g, dtype=torch.float64)
+    return [
+        base + 0.5 * torch.randn(base.shape, generator=g, dtype=torch.float64) for _ in range(n)
+    ]
+
+
+def _encoder() -> nn.Linear:
+    torch.manual_seed(123)
+    return nn.Linear(D_IN, D).double()
+
+
+def _encode(enc: nn.Module, raws: list[Tensor]) -> list[Tensor]:
+    # one forward for all inputs, as a training step would batch them through DDP
+    return list(enc(torch.cat(raws)).split(raws[0].shape[0]))
+
+
+def _rows(x: Tensor, rank: int) -> Tensor:
+    return x[rank * B : (rank + 1) * B]
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    try:
+        torch.set_num_threads(1)
+        tdist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=timedelta(seconds=TIMEOUT_S),
+        )
+        res: dict[str, Any] = {"rank": dist.get_rank(), "world": dist.get_world_size()}
+        res["is_dist"] = dist.is_dist()
+
+        for name, (fn, n) in CASES.items():
+            local = [_rows(x, rank).clone().requires_grad_() for x in _global_inputs(n, D, 0)]
+            out = fn(local, True)
+            out.loss.backward()
+            res[name] = {
+                "loss": out.loss.detach(),
+                "terms": out.terms,
+                "acc": out.acc,
+                "grads": [x.grad for x in local],
+            }
+            enc = _encoder()
+            ddp = DistributedDataParallel(enc)
+            raws = [_rows(x, rank) for x in _global_inputs(n, D_IN, 1)]
+            fn(_encode(ddp, raws), True).loss.backward()
+            res[name]["ddp_grads"] = [p.grad.clone() for p in enc.parameters()]
+
+        z1, z2 = (_rows(x, rank) for x in _global_inputs(2, D, 2))
+        res["clip_loss"] = clip_loss(z1, z2, LogitScale()(), gather=True).loss.detach()
+
+        # unequal per-rank sizes: rank r holds r + 2 rows
+        x = torch.full((rank + 2, 2), float(rank), dtype=torch.float64, requires_grad=True)
+        gathered = dist.gather_with_grad(x)
+        weights = torch.arange(gathered.numel(), dtype=torch.float64).reshape(gathered.shape)
+        (gathered * weights).sum().backward()
+        res["uneven"] = {"gathered": gathered.detach(), "grad": x.grad, "weights": weights}
+        res["no_grad"] = dist.gather_no_grad(x)
+        res["mean"] = dist.all_reduce_mean(torch.tensor([float(rank)]))
+        res["broadcast"] = dist.broadcast_object({"from": rank}, src=0)
+        res["rank_zero"] = dist.rank_zero_only(lambda: "ran")()
+        dist.barrier()
+        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+    except Exception:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out_dir = tmp_path_factory.mktemp("dist")
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, str(out_dir))) for r in range(WORLD)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(TIMEOUT_S)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    errors = "\n".join(f.read_text() for f in sorted(out_dir.glob("*.err")))
+    assert not errors, errors
+    assert [p.exitcode for p in procs] == [0] * WORLD, "a worker hung or died"
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def test_process_group_basics(results: list[dict[str, Any]]) -> None:
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(r["world"] == WORLD and r["is_dist"] for r in results)
+    assert all(r["mean"].item() == 0.5 for r in results)
+    assert all(r["broadcast"] == {"from": 0} for r in results)
+    assert [r["rank_zero"] for r in results] == ["ran", None]
+    assert not dist.is_dist() and dist.get_rank() == 0 and dist.get_world_size() == 1
+
+
+def test_gather_handles_uneven_sizes(results: list[dict[str, Any]]) -> None:
+    expected = torch.cat([torch.full((r + 2, 2), float(r), dtype=torch.float64) for r in (0, 1)])
+    starts = [0, 2]
+    for rank, res in enumerate(results):
+        torch.testing.assert_close(res["uneven"]["gathered"], expected)
+        torch.testing.assert_close(res["no_grad"], expected)
+        # both ranks backprop the same weights: the summed grad is WORLD x this rank's rows
+        rows = res["uneven"]["weights"][starts[rank] : starts[rank] + rank + 2]
+        torch.testing.assert_close(res["uneven"]["grad"], WORLD * rows)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gathered_loss_and_input_grads_match_single_process(
+    results: list[dict[str, Any]], name: str
+) -> None:
+    fn, n = CASES[name]
+    inputs = [x.clone().requires_grad_() for x in _global_inputs(n, D, 0)]
+    ref = fn(inputs, False)
+    ref.loss.backward()
+    for rank, res in enumerate(results):
+        torch.testing.assert_close(res[name]["loss"], ref.loss.detach())
+        for key, value in ref.terms.items():
+            torch.testing.assert_close(res[name]["terms"][key], value)
+        for key, value in ref.acc.items():
+            torch.testing.assert_close(res[name]["acc"][key], value)
+        for got, x in zip(res[name]["grads"], inputs, strict=True):
+            # DDP averages gradients over ranks, so each rank carries WORLD x its share
+            torch.testing.assert_close(got, WORLD * _rows(x.grad, rank))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ddp_parameter_grads_match_single_process(results: list[dict[str, Any]], name: str) -> None:
+    fn, n = CASES[name]
+    enc = _encoder()
+    fn(_encode(enc, _global_inputs(n, D_IN, 1)), False).loss.backward()
+    for res in results:
+        for got, p in zip(res[name]["ddp_grads"], enc.parameters(), strict=True):
+            torch.testing.assert_close(got, p.grad)
+
+
+def test_clip_rank_losses_average_to_single_process(results: list[dict[str, Any]]) -> None:
+    z1, z2 = _global_inputs(2, D, 2)
+    ref = clip_loss(z1, z2, LogitScale()()).loss.detach()
+    torch.testing.assert_close(sum(r["clip_loss"] for r in results) / WORLD, ref)
