@@ -10,6 +10,8 @@ averages only the tokens that are present and not padding.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,7 +41,9 @@ class Block(nn.Module):
         b, n, w = x.shape
         q, k, v = self.in_proj(x).view(b, n, 3, self.n_heads, w // self.n_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        mask = keep[:, None, None, :] if keep is not None else None
+        mask = None
+        if keep is not None:  # (N, L) key mask, or (N, L, L) query x key mask
+            mask = keep[:, None, None, :] if keep.dim() == 2 else keep[:, None]
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
@@ -128,20 +132,50 @@ class FusionTransformer(nn.Module):
     def fuse_batched(
         self, tokens: list[Tensor], pads: list[Tensor | None], masks: list[list[bool]]
     ) -> list[Tensor]:
+        """All masked passes in one forward: each mask's tokens (+ its own CLS) form a segment,
+        segments are packed into a few rows per sample, and a block-diagonal attention mask keeps
+        segments apart. For CoMM this is 2 rows (all singles; all modalities) of L + n_mod
+        positions, about the token count of the sequential passes, in one call."""
         self._check_masks(masks, len(tokens))
         b = tokens[0].shape[0]
-        k = len(masks)
+        lengths = tuple(t.shape[1] for t in tokens)
+        layout = _pack_layout(lengths, tuple(tuple(m) for m in masks), self.cls is not None)
+        src, seg = (t.to(tokens[0].device) for t in layout[:2])
+        rows, width = src.shape
         x = torch.cat(tokens, dim=1)
-        present = self._present(tokens, pads)  # (B, L)
-        lengths = [t.shape[1] for t in tokens]
-        sel = torch.tensor(
-            [[flag for flag, n in zip(m, lengths, strict=True) for _ in range(n)] for m in masks],
-            dtype=torch.bool,
-            device=x.device,
-        )  # (K, L)
-        keep = (present.unsqueeze(0) & sel.unsqueeze(1)).reshape(k * b, -1)
-        out = self._run(x.repeat(k, 1, 1), keep)
-        return list(out.view(k, b, -1).unbind(0))
+        filler = x.new_zeros(b, 1, x.shape[-1])
+        cls = self.cls.expand(b, -1, -1).to(x.dtype) if self.cls is not None else filler
+        table = torch.cat([filler, cls, x], dim=1)  # index 0 filler, 1 CLS, 2.. tokens
+        present = self._present(tokens, pads)
+        valid = torch.cat([present.new_zeros(b, 1), present.new_ones(b, 1), present], dim=1)
+        xr = (
+            table[:, src.flatten()]
+            .view(b, rows, width, -1)
+            .transpose(0, 1)
+            .reshape(rows * b, width, -1)
+        )
+        key_ok = (
+            valid[:, src.flatten()].view(b, rows, width).transpose(0, 1).reshape(rows * b, width)
+        )
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, None, :]  # (R, W, W)
+        eye = torch.eye(width, dtype=torch.bool, device=x.device)
+        allowed = (same.repeat_interleave(b, 0) & key_ok[:, None, :]) | eye
+        for blk in self.blocks:
+            xr = blk(xr, allowed)
+        xr = self.ln_post(xr).view(rows, b, width, -1)
+        outs = []
+        for k in range(len(masks)):
+            r, first = layout[2][k]
+            if self.cls is not None:
+                outs.append(xr[r, :, first])
+            else:
+                w = (
+                    ((seg[r] == k)[None, :] & key_ok.view(rows, b, width)[r])
+                    .to(xr.dtype)
+                    .unsqueeze(-1)
+                )
+                outs.append((xr[r] * w).sum(1) / w.sum(1).clamp_min(1.0))
+        return outs
 
     def fuse_sequential(
         self, tokens: list[Tensor], pads: list[Tensor | None], masks: list[list[bool]]
@@ -168,3 +202,46 @@ def comm_masks(n_mod: int) -> list[list[bool]]:
     """n_mod single-modality masks followed by the all-modality mask (CoMM's order)."""
     singles = [[i == j for j in range(n_mod)] for i in range(n_mod)]
     return [*singles, [True] * n_mod]
+
+
+@lru_cache(maxsize=64)
+def _pack_layout(
+    lengths: tuple[int, ...], masks: tuple[tuple[bool, ...], ...], with_cls: bool
+) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+    """Pack one segment per mask ([CLS] + the selected modalities' tokens) into rows.
+
+    Returns src (R, W): indices into [filler, CLS, tokens...]; seg (R, W): segment id per position
+    (-1 = filler); and, per mask, (row, position of its first element). First-fit decreasing with
+    a row capacity of the longest segment + one CLS per further modality, which puts CoMM's
+    singles together in one row and the all-modality segment in another.
+    """
+    offsets = [2 + sum(lengths[:m]) for m in range(len(lengths))]
+    segments = []
+    for m in masks:
+        idx = [1] if with_cls else []
+        for flag, off, n in zip(m, offsets, lengths, strict=True):
+            if flag:
+                idx.extend(range(off, off + n))
+        segments.append(idx)
+    capacity = max(map(len, segments)) + (len(lengths) - 1) * int(with_cls)
+    rows: list[list[int]] = []
+    placed: dict[int, tuple[int, int]] = {}
+    for k in sorted(range(len(segments)), key=lambda k: -len(segments[k])):
+        for r, row in enumerate(rows):
+            if sum(len(segments[j]) for j in row) + len(segments[k]) <= capacity:
+                row.append(k)
+                break
+        else:
+            rows.append([k])
+    width = max(sum(len(segments[j]) for j in row) for row in rows)
+    src = torch.zeros(len(rows), width, dtype=torch.long)
+    seg = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        pos = 0
+        for k in row:
+            n = len(segments[k])
+            src[r, pos : pos + n] = torch.tensor(segments[k])
+            seg[r, pos : pos + n] = k
+            placed[k] = (r, pos)
+            pos += n
+    return src, seg, [placed[k] for k in range(len(segments))]

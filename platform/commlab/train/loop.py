@@ -10,6 +10,7 @@ checkpoints and logs. It imports neither Ray nor MLflow.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -190,7 +191,7 @@ class PretrainRun:
             ids = order[step * self.per_rank_batch : (step + 1) * self.per_rank_batch]
             va, vb = self._views(ids, gen)
             if self.flops_per_sample is None and ctx.rank == 0:
-                self.flops_per_sample = self._measure_flops(va, vb, gather) / (2 * va.size)
+                self.flops_per_sample = self._measure_flops(va, vb) / (2 * va.size)
             with self._autocast():
                 out = self.model(va, vb, gather=gather)
             self._check_finite(out, step)
@@ -218,15 +219,13 @@ class PretrainRun:
             metrics["perf/mfu"] = self.flops_per_sample * samples_per_s / peak
         return metrics
 
-    def _measure_flops(self, va: Any, vb: Any, gather: bool) -> float:
-        """FLOPs of one forward+backward on this batch (counted once; grads discarded)."""
-
-        def step() -> None:
-            out = self.method.loss(va, vb, gather=gather)
-            out.loss.backward()
-
-        flops = count_flops(step)
-        self.optimizer.zero_grad(set_to_none=True)
+    def _measure_flops(self, va: Any, vb: Any) -> float:
+        """FLOPs of one forward+backward on this batch, counted on a copy of the model so
+        that BatchNorm statistics and gradients of the real one are untouched. Rank 0 only, so
+        no collectives: the loss is computed on the local batch."""
+        probe_model = copy.deepcopy(self.method)
+        flops = count_flops(lambda: probe_model.loss(va, vb).loss.backward())
+        del probe_model
         return flops
 
     def _check_finite(self, out: Any, step: int) -> None:

@@ -1,0 +1,133 @@
+import json
+
+import pytest
+import torch
+
+from commlab.data.base import DataBundle
+from commlab.train.checkpoint import FORMAT, load_checkpoint
+from commlab.train.local import format_progress, pretrain_local
+from commlab.train.loop import NonFiniteLossError, PretrainRun, lr_factor, param_groups
+from tests.conftest import toy_config, toy_sequence_dataset
+
+
+def _bundle(ds=None):
+    ds = ds or toy_sequence_dataset()
+    return DataBundle(pretrain=ds, probe=ds, description="toy")
+
+
+def test_loss_falls_and_probe_learns():
+    cfg = toy_config("comm", ("train.epochs=6", "train.probe_every=6"))
+    run = PretrainRun(cfg, data=_bundle())
+    hist = []
+    run.fit(lambda e, m, r: hist.append(m))
+    assert len(hist) == 6 and [int(m["epoch"]) for m in hist] == list(range(6))
+    assert hist[-1]["train/loss"] < hist[0]["train/loss"]
+    assert "probe/cls/balanced_acc" in hist[-1] and "probe/cls/balanced_acc" not in hist[0]
+    assert hist[-1]["probe/cls/balanced_acc"] > 0.5  # 4 classes, chance 0.25
+    for key in ("perf/samples_per_s", "perf/mfu", "train/ssl_acc", "train/ssl_loss_2", "train/lr"):
+        assert key in hist[0] and hist[0][key] > 0
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    run = PretrainRun(toy_config("comm"), data=_bundle())
+    decay, no_decay = param_groups(run.method, 0.1)
+    names = {id(p): n for n, p in run.method.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert any("ln_1" in names[id(p)] for p in no_decay["params"])
+    assert all(
+        names[id(p)].endswith("bias") or p.ndim < 2 or "ln" in names[id(p)] or "bn" in names[id(p)]
+        for p in no_decay["params"]
+    )
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
+
+def test_warmup_cosine_schedule():
+    cfg = toy_config(
+        "comm",
+        (
+            "train.epochs=10",
+            "optim.scheduler=cosine",
+            "optim.warmup_epochs=2",
+            "optim.lr=1e-3",
+            "optim.warmup_start_lr=1e-5",
+            "optim.min_lr=1e-5",
+        ),
+    )
+    lrs = [cfg.optim.lr * lr_factor(cfg, e) for e in range(10)]
+    assert lrs[0] == pytest.approx(1e-5) and lrs[2] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+    assert lrs[-1] > 1e-5
+
+
+def test_resume_equals_straight_run():
+    over = ("train.epochs=4", "train.probe_every=0")
+    straight = PretrainRun(toy_config("comm", over), data=_bundle())
+    straight.fit()
+    first = PretrainRun(
+        toy_config("comm", ("train.epochs=2", "train.probe_every=0")), data=_bundle()
+    )
+    first.fit()
+    state = first.state_dict()
+    resumed = PretrainRun(toy_config("comm", over), data=_bundle())
+    resumed.load_state_dict(state)
+    assert resumed.epoch == 2
+    resumed.fit()
+    for (name, a), b in zip(
+        straight.method.state_dict().items(), resumed.method.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_non_finite_loss_names_step_and_term():
+    ds = toy_sequence_dataset()
+    ds.modalities[0].values[:] = float("nan")
+    run = PretrainRun(toy_config("comm"), data=_bundle(ds))
+    with pytest.raises(NonFiniteLossError, match=r"epoch 0 step 0 .*ssl_loss_"):
+        run.fit()
+
+
+def test_batch_too_large_is_clear():
+    with pytest.raises(ValueError, match="too few for one batch"):
+        PretrainRun(toy_config("comm", ("data.batch_size=512",)), data=_bundle())
+
+
+def test_pretrain_local_writes_self_describing_checkpoint(tmp_path, monkeypatch):
+    from commlab.train import local
+
+    monkeypatch.setattr(local, "PretrainRun", lambda cfg: PretrainRun(cfg, data=_bundle()))
+    cfg = toy_config("comm", ("train.epochs=2", "train.probe_every=1"))
+    res = pretrain_local(cfg, run_dir=tmp_path / "run")
+    ckpt = load_checkpoint(res.checkpoint)  # weights_only=True inside
+    assert ckpt["format"] == FORMAT and ckpt["epoch"] == 2 and ckpt["seed"] == cfg.seed
+    assert ckpt["config"]["model"]["method"] == "comm"
+    assert (
+        ckpt["data_fingerprint"] == "toy" and "torch" in ckpt["packages"] and ckpt["code_version"]
+    )
+    assert "probe/cls/balanced_acc" in ckpt["metrics"]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0.0, 1.0]
+    # a second run with the same name does not overwrite the first
+    res2 = pretrain_local(cfg, run_dir=tmp_path / "run")
+    assert res2.run_dir == tmp_path / "run-1"
+    # --resume continues the first run up to a larger epoch count
+    cfg3 = toy_config("comm", ("train.epochs=3", "train.probe_every=1"))
+    res3 = pretrain_local(cfg3, run_dir=tmp_path / "run", resume=True)
+    assert load_checkpoint(res3.checkpoint)["epoch"] == 3
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_progress_line():
+    line = format_progress(
+        2,
+        10,
+        {
+            "train/loss": 1.5,
+            "train/ssl_acc": 40.0,
+            "probe/share/balanced_acc": 0.9,
+            "perf/samples_per_s": 1234.0,
+            "perf/mfu": 0.31,
+            "perf/epoch_time_s": 2.0,
+        },
+    )
+    assert line.startswith("epoch   3/10") and "loss 1.5000" in line and "share 0.900" in line
+    assert "1,234 samples/s" in line and "mfu 0.31" in line
