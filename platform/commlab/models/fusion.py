@@ -227,7 +227,7 @@ def _pack_layout(
     rows: list[list[int]] = []
     placed: dict[int, tuple[int, int]] = {}
     for k in sorted(range(len(segments)), key=lambda k: -len(segments[k])):
-        for r, row in enumerate(rows):
+        for row in rows:
             if sum(len(segments[j]) for j in row) + len(segments[k]) <= capacity:
                 row.append(k)
                 break

@@ -225,7 +225,6 @@ class PretrainRun:
         no collectives: the loss is computed on the local batch."""
         probe_model = copy.deepcopy(self.method)
         flops = count_flops(lambda: probe_model.loss(va, vb).loss.backward())
-        del probe_model
         return flops
 
     def _check_finite(self, out: Any, step: int) -> None:
