@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 from commlab.augment import build_augmenter
 from commlab.data.base import Batch
 from commlab.models import build_method
-from commlab.perf import count_flops, matmul_peak_flops
+from commlab.perf import count_flops, machine_info, matmul_peak_flops
 
 IMAGE_CASE = [
     "model.method=comm",
@@ -159,25 +157,6 @@ def run_case(
     }
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
@@ -208,7 +187,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps({"machine": machine(), "peak_flops": peak, "results": results}, indent=2)
+        json.dumps({"machine": machine_info(), "peak_flops": peak, "results": results}, indent=2)
     )
     print(f"wrote {out}")
 
