@@ -17,3 +17,4 @@ __all__ = [
     "build_method",
     "comm_masks",
 ]
+from commlab.models import text_encoders  # noqa: F401
