@@ -28,7 +28,7 @@ def test_every_method_trains_and_embeds(method):
     assert all(gr is not None for gr in grads), "every parameter takes part in the loss"
     model.eval()
     feats = model.features(aug.prepare(batch))
-    width = cfg.model.embed_dim * (1 if method == "comm" else 2)
+    width = cfg.model.embed_dim if method == "comm" else sum(model.stack.out_dims)
     assert feats.shape == (16, width)
 
 

@@ -48,7 +48,11 @@ class ModalityStack(nn.Module):
     """Per-modality encoder + adapter: a Batch -> per-modality tokens (B, L_m, E) and pads."""
 
     def __init__(
-        self, mods: list[ModalityModelConfig], shapes: list[tuple[int, ...]], embed_dim: int
+        self,
+        mods: list[ModalityModelConfig],
+        shapes: list[tuple[int, ...]],
+        embed_dim: int,
+        tokens: bool = True,
     ):
         super().__init__()
         if not mods:
@@ -64,20 +68,29 @@ class ModalityStack(nn.Module):
                 enc = ENCODERS.build(
                     m.encoder.name, **_fill_input_dims(m.encoder.name, m.encoder.params, shape)
                 )
-                ada = ADAPTERS.build(m.adapter.name, enc.out_dim, embed_dim, **m.adapter.params)
+                if tokens:
+                    self.adapters.append(
+                        ADAPTERS.build(m.adapter.name, enc.out_dim, embed_dim, **m.adapter.params)
+                    )
             except ValueError as err:
                 raise ValueError(f"model.modalities.{i}: {err}") from None
             self.encoders.append(enc)
-            self.adapters.append(ada)
 
     def forward(self, batch: Batch) -> tuple[list[Tensor], list[Tensor | None]]:
         tokens, pads = [], []
-        for enc, ada, x, pad in zip(self.encoders, self.adapters, batch.xs, batch.pad, strict=True):
-            h, p = enc(x, pad)
+        for ada, (h, p) in zip(self.adapters, self.encode(batch), strict=True):
             t, p = ada(h, p)
             tokens.append(t)
             pads.append(p)
         return tokens, pads
+
+    def encode(self, batch: Batch) -> list[tuple[Tensor, Tensor | None]]:
+        """Encoder outputs (before the adapters) with their padding masks."""
+        return [enc(x, pad) for enc, x, pad in zip(self.encoders, batch.xs, batch.pad, strict=True)]
+
+    @property
+    def out_dims(self) -> list[int]:
+        return [int(enc.out_dim) for enc in self.encoders]
 
 
 def _cat_views(a: Batch, b: Batch) -> Batch:
@@ -88,20 +101,29 @@ def _cat_views(a: Batch, b: Batch) -> Batch:
     return Batch(xs=[torch.cat([xa, xb]) for xa, xb in zip(a.xs, b.xs, strict=True)], pad=pads)
 
 
-def _pool_tokens(tokens: Tensor, pad: Tensor | None) -> Tensor:
-    """Mean over tokens that are not padding: (B, L, E) -> (B, E)."""
+def global_pool(h: Tensor, pad: Tensor | None) -> Tensor:
+    """Encoder output -> one vector per sample: feature maps (B, C, H, W) are averaged over
+    space, sequences (B, T, d) over the steps that are not padding, vectors pass through."""
+    if h.dim() == 4:
+        return h.mean(dim=(2, 3))
+    if h.dim() == 2:
+        return h
     if pad is None:
-        return tokens.mean(1)
-    w = (~pad).to(tokens.dtype).unsqueeze(-1)
-    return (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return h.mean(1)
+    w = (~pad).to(h.dtype).unsqueeze(-1)
+    return (h * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
 class Method(nn.Module):
+    uses_tokens = False  # True: adapters to fusion tokens are built (CoMM)
+
     def __init__(self, cfg: ExperimentConfig, shapes: list[tuple[int, ...]]) -> None:
         super().__init__()
         self.cfg = cfg
         self.n_mod = len(shapes)
-        self.stack = ModalityStack(cfg.model.modalities, shapes, cfg.model.embed_dim)
+        self.stack = ModalityStack(
+            cfg.model.modalities, shapes, cfg.model.embed_dim, tokens=self.uses_tokens
+        )
 
     def forward(self, view_a: Batch, view_b: Batch, gather: bool = False) -> LossOutput:
         """The training loss; `forward` so that DistributedDataParallel hooks see it."""
@@ -114,14 +136,17 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def unimodal(self, batch: Batch) -> list[Tensor]:
-        tokens, pads = self.stack(batch)
-        return [_pool_tokens(t, p) for t, p in zip(tokens, pads, strict=True)]
+        """Globally pooled encoder outputs, one (B, d_m) per modality (the baselines' unimodal
+        embeddings; adapters and fusion are CoMM's and take no part)."""
+        return [global_pool(h, p) for h, p in self.stack.encode(batch)]
 
 
 @METHODS.register("comm")
 class CoMM(Method):
     """CoMM: n_mod+1 fused embeddings per view (each modality alone, then all), one batched
     fusion forward per step, projection head, `comm_loss` (Dufumier et al., ICLR 2025)."""
+
+    uses_tokens = True
 
     def __init__(self, cfg: ExperimentConfig, shapes: list[tuple[int, ...]]) -> None:
         super().__init__(cfg, shapes)
@@ -159,10 +184,10 @@ class Cross(Method):
         super().__init__(cfg, shapes)
         if self.n_mod != 2:
             raise ValueError(f"method 'cross' needs exactly 2 modalities, got {self.n_mod}")
-        e, out = cfg.model.embed_dim, cfg.model.head.out_dim
-        self.proj = nn.ModuleList(nn.Linear(e, out, bias=False) for _ in range(2))
-        for p in self.proj:
-            nn.init.normal_(p.weight, std=e**-0.5)
+        out = cfg.model.head.out_dim
+        self.proj = nn.ModuleList(nn.Linear(d, out, bias=False) for d in self.stack.out_dims)
+        for p, d in zip(self.proj, self.stack.out_dims, strict=True):
+            nn.init.normal_(p.weight, std=d**-0.5)
         self.logit_scale = LogitScale(cfg.loss.logit_scale_init)
 
     def loss(self, view_a: Batch, view_b: Batch, gather: bool = False) -> LossOutput:
@@ -184,7 +209,7 @@ class CrossSelf(Method):
             raise ValueError(f"method 'cross_self' needs exactly 2 modalities, got {self.n_mod}")
         m = cfg.model
         self.heads = nn.ModuleList(
-            ProjectionHead(m.embed_dim, m.head.hidden_dim, m.head.out_dim) for _ in range(2)
+            ProjectionHead(d, m.head.hidden_dim, m.head.out_dim) for d in self.stack.out_dims
         )
 
     def loss(self, view_a: Batch, view_b: Batch, gather: bool = False) -> LossOutput:
@@ -211,8 +236,8 @@ class CMC(Method):
 
     def __init__(self, cfg: ExperimentConfig, shapes: list[tuple[int, ...]]) -> None:
         super().__init__(cfg, shapes)
-        e, out = cfg.model.embed_dim, cfg.model.head.out_dim
-        self.proj = nn.ModuleList(nn.Linear(e, out) for _ in range(self.n_mod))
+        out = cfg.model.head.out_dim
+        self.proj = nn.ModuleList(nn.Linear(d, out) for d in self.stack.out_dims)
 
     def loss(self, view_a: Batch, view_b: Batch, gather: bool = False) -> LossOutput:
         h = self.unimodal(view_a)
