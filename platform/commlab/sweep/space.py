@@ -236,6 +236,12 @@ def check_metric(space: LoadedSpace, tasks: dict[str, str]) -> None:
             or m.split("/")[1] in space.base.data.probe_tasks
             or m.startswith("probe/mean/")
         }
+    if metric.startswith("probe/") and metric in valid and space.base.train.probe_every != 1:
+        raise _err(
+            space.path,
+            f"metric '{metric}' exists only on probe epochs; ASHA and Optuna need it every epoch: "
+            "add train.probe_every=1 to overrides",
+        )
     if metric.startswith("train/ssl_loss_") or metric in valid:
         return
     close = difflib.get_close_matches(metric, sorted(valid), n=1, cutoff=0.5)

@@ -1,0 +1,101 @@
+"""Driver-side Tune callbacks: close MLflow child runs that Tune ended, and a compact live view."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from ray.tune import Callback
+from rich.console import Console
+
+TRIAL_TAG = "ray.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class CloseChildRuns(Callback):
+    """Runs in the Tuner process. When ASHA stops a trial, its Train workers are torn down and
+    the worker never closes its MLflow run; an errored trial may not either. Close them here:
+    stopped early -> KILLED, error -> FAILED (a run already terminal is left as it is)."""
+
+    def __init__(self, parent: Any, max_epochs: int) -> None:
+        self.parent = parent
+        self.max_epochs = max_epochs
+
+    def _close(self, trial: Any, status: str) -> None:
+        from commlab.tracking import finish_run
+        from commlab.tracking.runs import RunRef
+
+        client = self.parent.client()
+        runs = client.search_runs(
+            [self.parent.experiment_id],
+            filter_string=(
+                f"tags.`{PARENT_TAG}` = '{self.parent.run_id}' and "
+                f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and attributes.status = 'RUNNING'"
+            ),
+        )
+        for run in runs:
+            ref = RunRef(self.parent.tracking_uri, self.parent.experiment_id, run.info.run_id)
+            finish_run(
+                ref, status, "stopped early by the scheduler" if status == "KILLED" else None
+            )
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        done = (trial.last_result or {}).get("training_iteration", 0) >= self.max_epochs
+        self._close(trial, "FINISHED" if done else "KILLED")
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._close(trial, "FAILED")
+
+
+class ProgressView(Callback):
+    """One compact line whenever something changes: trials running / done / stopped / errored,
+    and the best value of the selection metric so far."""
+
+    def __init__(self, metric: str, mode: str, max_epochs: int, console: Console) -> None:
+        self.metric, self.mode, self.console = metric, mode, console
+        self.max_epochs = max_epochs
+        self.best: tuple[float, str] | None = None
+        self.t0 = time.perf_counter()
+        self.ended: dict[str, str] = {}  # trial id -> done | stopped | failed
+        self.max_iter: dict[str, int] = {}
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        value = result.get(self.metric)
+        self.max_iter[trial.trial_id] = int(result.get("training_iteration", 0))
+        if isinstance(value, int | float) and not math.isnan(value):
+            better = self.best is None or (
+                value > self.best[0] if self.mode == "max" else value < self.best[0]
+            )
+            if better:
+                self.best = (float(value), trial.trial_id)
+        self._line(
+            trials,
+            f"{trial.trial_id} epoch {result.get('training_iteration')}: {self.metric}={_fmt(value)}",
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        epochs = self.max_iter.get(trial.trial_id, 0)
+        self.ended[trial.trial_id] = "done" if epochs >= self.max_epochs else "stopped"
+        self._line(trials, f"{trial.trial_id} {self.ended[trial.trial_id]} after {epochs} epoch(s)")
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.ended[trial.trial_id] = "failed"
+        self._line(trials, f"[red]{trial.trial_id} failed[/]")
+
+    def _line(self, trials: list[Any], event: str) -> None:
+        counts = {"running": 0, "pending": 0, "done": 0, "stopped": 0, "failed": 0}
+        for t in trials:
+            key = self.ended.get(t.trial_id) or ("running" if t.status == "RUNNING" else "pending")
+            counts[key] += 1
+        best = f"best {_fmt(self.best[0])} ({self.best[1]})" if self.best else "best -"
+        state = " ".join(f"{k} {v}" for k, v in counts.items() if v)
+        self.console.print(
+            f"[{time.perf_counter() - self.t0:6.0f}s] {state} | {best} | {event}", highlight=False
+        )
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"

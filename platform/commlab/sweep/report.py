@@ -1,0 +1,185 @@
+"""End of a sweep: best trial on the parent MLflow run, plots, a trials table, a summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from commlab.sweep.space import LoadedSpace
+
+
+def plot_sweep(result: Any, metric: str, mode: str, out_dir: Path) -> list[Path]:
+    """optimisation_history.png, learning_curves.png, parallel_coordinates.png and
+    param_importances.png (when at least 3 trials have the metric)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials = [t for t in result.trials if t["history"]]
+    written = []
+
+    def save(fig: Figure, name: str) -> None:
+        FigureCanvasAgg(fig)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        written.append(path)
+
+    best_of = max if mode == "max" else min
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    finals = [best_of(v for _, v in t["history"]) for t in trials]
+    running = [best_of(finals[: i + 1]) for i in range(len(finals))]
+    ax.scatter(range(1, len(finals) + 1), finals, label="trial")
+    ax.plot(range(1, len(finals) + 1), running, color="C3", label="best so far")
+    ax.set(xlabel="trial", ylabel=metric, title="Optimisation history")
+    ax.legend()
+    save(fig, "optimisation_history.png")
+
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for t in trials:
+        xs, ys = zip(*t["history"], strict=True)
+        ax.plot(xs, ys, marker="o", ms=3, label=t["trial_id"])
+    ax.set(xlabel="epoch", ylabel=metric, title="Learning curves")
+    if len(trials) <= 12:
+        ax.legend(fontsize=7)
+    save(fig, "learning_curves.png")
+
+    params = sorted(
+        {k for t in trials for k, v in t["config"].items() if isinstance(v, int | float)}
+    )
+    if params:
+        fig = Figure(figsize=(1.6 * (len(params) + 1) + 2, 4))
+        ax = fig.add_subplot()
+        cols = [*params, metric]
+        values = [
+            [t["config"].get(p, math.nan) for p in params] + [f]
+            for t, f in zip(trials, finals, strict=True)
+        ]
+        lo = [min(v[i] for v in values) for i in range(len(cols))]
+        hi = [max(v[i] for v in values) for i in range(len(cols))]
+        span = [(h - low) or 1.0 for low, h in zip(lo, hi, strict=True)]
+        fmin, fspan = min(finals), (max(finals) - min(finals)) or 1.0
+        from matplotlib import colormaps
+
+        cmap = colormaps["viridis"]
+        for v, f in zip(values, finals, strict=True):
+            ax.plot(
+                range(len(cols)),
+                [(x - low) / s for x, low, s in zip(v, lo, span, strict=True)],
+                color=cmap((f - fmin) / fspan),
+                alpha=0.8,
+            )
+        ax.set_xticks(
+            range(len(cols)),
+            [c.replace("augment.modalities.", "aug.") for c in cols],
+            rotation=20,
+            fontsize=7,
+        )
+        ax.set(ylabel="normalised value", title="Parallel coordinates (colour = metric)")
+        save(fig, "parallel_coordinates.png")
+
+    importances = param_importances(trials, finals, mode)
+    if importances:
+        fig = Figure(figsize=(6, 0.5 * len(importances) + 1.5))
+        ax = fig.add_subplot()
+        names = list(importances)
+        ax.barh(names, [importances[n] for n in names])
+        ax.set(xlabel="importance (fANOVA)", title="Parameter importances")
+        save(fig, "param_importances.png")
+    return written
+
+
+def param_importances(
+    trials: list[dict[str, Any]], finals: list[float], mode: str
+) -> dict[str, float]:
+    """Optuna's fANOVA importances over the finished trials (needs >= 3 trials, >= 1 numeric
+    parameter that varies); {} otherwise."""
+    import optuna
+
+    keys = sorted({k for t in trials for k, v in t["config"].items() if isinstance(v, int | float)})
+    if len(trials) < 3 or not keys:
+        return {}
+    dists = {}
+    for k in keys:
+        vals = [float(t["config"][k]) for t in trials if k in t["config"]]
+        if min(vals) < max(vals):
+            dists[k] = optuna.distributions.FloatDistribution(min(vals), max(vals))
+    if not dists:
+        return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+    for t, f in zip(trials, finals, strict=True):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={k: float(t["config"][k]) for k in dists}, distributions=dists, value=f
+            )
+        )
+    try:
+        return dict(optuna.importance.get_param_importances(study))
+    except (RuntimeError, ValueError):
+        return {}
+
+
+def finish_parent(space: LoadedSpace, parent: Any, result: Any, console: Console) -> None:
+    """Best trial (id, metric, params, checkpoint) as tags/metrics on the parent run, plots and
+    the trials table as artifacts, status FINISHED; print the summary."""
+    from commlab.tracking import finish_run
+    from commlab.tracking.runs import RunLogger
+
+    spec = space.spec
+    logger = RunLogger(parent)
+    tags: dict[str, Any] = {"commlab.trials": len(result.trials)}
+    if result.best_trial_id is not None:
+        tags |= {
+            "commlab.best_trial_id": result.best_trial_id,
+            "commlab.best_metric": f"{result.best_metric!r}",
+            "commlab.best_checkpoint": result.best_checkpoint or "",
+            **{f"commlab.best_param.{k}": v for k, v in result.best_params.items()},
+        }
+    logger.set_tags(tags)
+    if result.best_metric is not None:
+        logger.client.log_metric(parent.run_id, f"best/{spec.metric}", result.best_metric)
+    with tempfile.TemporaryDirectory() as tmp:
+        plot_sweep(result, spec.metric, spec.mode, Path(tmp) / "plots")
+        (Path(tmp) / "plots" / "trials.json").write_text(
+            json.dumps(result.trials, indent=1, default=str)
+        )
+        logger.log_artifacts(Path(tmp) / "plots", "plots")
+    finish_run(parent, "FINISHED")
+    print_summary(result, spec.metric, console)
+
+
+def print_summary(result: Any, metric: str, console: Console) -> None:
+    table = Table(
+        title=f"sweep {result.name}: {len(result.trials)} trials in {result.wall_seconds:.0f}s"
+    )
+    table.add_column("trial")
+    table.add_column("epochs", justify="right")
+    table.add_column(metric, justify="right")
+    table.add_column("params")
+    for t in result.trials:
+        mark = " *" if t["trial_id"] == result.best_trial_id else ""
+        value = t["metric"]
+        table.add_row(
+            f"{t['trial_id']}{mark}",
+            str(t["iterations"] or 0),
+            f"{value:.4f}" if isinstance(value, int | float) else "-",
+            ", ".join(f"{k}={_short(v)}" for k, v in t["config"].items()),
+        )
+    console.print(table)
+    if result.best_trial_id:
+        console.print(
+            f"best: {result.best_trial_id} {metric}={result.best_metric:.4f}  checkpoint {result.best_checkpoint}"
+        )
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,349 @@
+"""Sweeps: Ray Tune (Optuna TPE + ASHA) over a search space; each trial is a Ray Train run.
+
+Train V2 + Tune: every trial is a Tune *function* that builds a `TorchTrainer` with
+`TuneReportCallback`, so each epoch's `ray.train.report` becomes one Tune result that Optuna and
+ASHA see. The driver owns the MLflow parent run (one per sweep); each trial opens a child run
+nested under it (found again by its trial id on resume) and rank 0 logs into it. A driver-side
+Tune callback closes children that Tune ended (ASHA stop: KILLED, error: FAILED), so no child is
+ever left RUNNING.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from commlab.config import flatten
+from commlab.sweep.space import LoadedSpace, Param, check_metric, load_space
+
+SWEEP_TAG = "commlab.sweep"
+TRIAL_TAG = "ray.trial_id"
+
+
+@dataclass
+class SweepResult:
+    name: str
+    experiment_path: str
+    parent_run_id: str | None
+    best_trial_id: str | None
+    best_metric: float | None
+    best_params: dict[str, Any]
+    best_checkpoint: str | None
+    trials: list[dict[str, Any]]
+    wall_seconds: float
+
+
+def tune_space(space: LoadedSpace) -> dict[str, Any]:
+    """Tune param_space from the validated parameters."""
+    from ray import tune
+
+    def one(p: Param) -> Any:
+        if p.dist == "uniform":
+            return tune.uniform(p.low, p.high)
+        if p.dist == "loguniform":
+            return tune.loguniform(p.low, p.high)
+        if p.dist == "int":
+            return tune.randint(int(p.low or 0), int(p.high or 0) + 1)  # inclusive high
+        if p.dist == "choice":
+            return tune.choice(list(p.values or []))
+        return tune.grid_search(list(p.values or []))
+
+    return {name: one(p) for name, p in space.spec.params.items()}
+
+
+def dataset_tasks(space: LoadedSpace) -> dict[str, str]:
+    """Task kinds of the sweep's dataset (built once here; cached on disk for the trials)."""
+    from commlab.data import build_data
+
+    d = space.base.data
+    bundle = build_data(d.name, str(Path(d.path).resolve()), space.base.seed, d.params)
+    return {k: t.kind for k, t in bundle.probe.tasks.items()}
+
+
+def required_cpus(space: LoadedSpace) -> float:
+    r = space.spec.resources
+    return space.spec.max_concurrent_trials * (1 + r.workers * r.cpus_per_worker)
+
+
+def check_resources(space: LoadedSpace, total: dict[str, float]) -> None:
+    """More workers than the cluster can ever hold is an error before anything starts.
+
+    `total`: the cluster's resources (for the embedded default: this machine's cores and GPUs).
+    """
+    r = space.spec.resources
+    need_cpu = r.workers * r.cpus_per_worker
+    have_cpu = float(total.get("CPU", 0))
+    if need_cpu > have_cpu:
+        raise ValueError(
+            f"{space.path}: resources: one trial needs {r.workers} workers x "
+            f"{r.cpus_per_worker:g} CPUs = {need_cpu:g} CPUs, the cluster has {have_cpu:g}"
+        )
+    if r.gpus_per_worker and r.workers * r.gpus_per_worker > float(total.get("GPU", 0)):
+        raise ValueError(
+            f"{space.path}: resources: one trial needs {r.workers * r.gpus_per_worker:g} GPUs, "
+            f"the cluster has {float(total.get('GPU', 0)):g}"
+        )
+
+
+def _local_resources() -> dict[str, float]:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
+
+
+def _connect(space: LoadedSpace, address: str | None) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)
+    else:
+        # Embedded: logical CPUs sized for the concurrent trials (trial drivers mostly wait).
+        cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(space)))
+        ray.init(num_cpus=cpus, include_dashboard=False)
+    return True
+
+
+def fresh_name(storage: str, base: str) -> str:
+    if "://" in storage:
+        return base
+    name, i = base, 0
+    while (Path(storage) / name).exists():
+        i += 1
+        name = f"{base}-{i}"
+    return name
+
+
+def storage_root(storage: str | None) -> str:
+    raw = storage or "sweeps"
+    return raw if "://" in raw else str(Path(raw).expanduser().resolve())
+
+
+def run_sweep(
+    path: str | Path,
+    *,
+    name: str | None = None,
+    resume: bool = False,
+    storage: str | None = None,
+    address: str | None = None,
+    tracking_uri: str | None = None,
+    console: Console | None = None,
+) -> SweepResult:
+    """Run (or `resume`) the sweep defined by the search-space file at `path`."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search.optuna import OptunaSearch
+
+    from commlab.sweep.callbacks import CloseChildRuns, ProgressView
+    from commlab.sweep.trial import make_trainable
+    from commlab.tracking.runs import absolute_uri, default_tracking_uri
+
+    console = console or Console()
+    space = load_space(path)
+    check_metric(space, dataset_tasks(space))
+    root = storage_root(storage)
+    base_name = name or space.name
+    sweep_name = base_name if resume else fresh_name(root, base_name)
+    exp_path = f"{root.rstrip('/')}/{sweep_name}"
+    if resume and "://" not in root and not Path(exp_path).is_dir():
+        raise FileNotFoundError(f"--resume: no sweep at {exp_path}")
+    uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
+    spec = space.spec
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    if embedded:
+        check_resources(space, _local_resources())
+    started = _connect(space, address)
+    t0 = time.perf_counter()
+    parent = None
+    try:
+        if not embedded:
+            import ray
+
+            check_resources(space, ray.cluster_resources())
+        parent = _open_parent(space, sweep_name, exp_path, uri)
+        console.print(
+            f"[bold]commlab sweep[/] {sweep_name}: {spec.num_samples} trials of {space.base.model.method}, "
+            f"{spec.max_concurrent_trials} at a time, metric {spec.metric} ({spec.mode}) -> {exp_path}"
+            f"  (MLflow parent run {parent.run_id})"
+        )
+        trainable = make_trainable(space, parent, storage=f"{exp_path}/trains")
+        if spec.scheduler.name == "asha":
+            scheduler: Any = ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=space.max_epochs,
+                grace_period=spec.scheduler.grace_period,
+                reduction_factor=spec.scheduler.reduction_factor,
+            )
+        else:
+            scheduler = FIFOScheduler()
+        grid = any(p.dist == "grid" for p in spec.params.values())
+        if spec.searcher.name == "optuna" and not grid:
+            searcher: Any = OptunaSearch(seed=spec.searcher.seed)
+        else:  # Optuna has no grid; the basic generator expands grids and samples the rest
+            searcher = BasicVariantGenerator(random_state=spec.searcher.seed)
+        callbacks = [
+            CloseChildRuns(parent, max_epochs=space.max_epochs),
+            ProgressView(spec.metric, spec.mode, space.max_epochs, console),
+        ]
+        stop = {"training_iteration": space.max_epochs}
+        if spec.stop.metric_threshold is not None:
+            stop = _threshold_stopper(
+                spec.metric, spec.mode, spec.stop.metric_threshold, space.max_epochs
+            )
+        run_config = tune.RunConfig(
+            name=sweep_name,
+            storage_path=root,
+            callbacks=callbacks,
+            stop=stop,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        )
+        trainable = tune.with_resources(trainable, {"CPU": 1})
+        if resume:
+            tuner = tune.Tuner.restore(
+                exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=tune_space(space),
+                tune_config=tune.TuneConfig(
+                    metric=spec.metric,
+                    mode=spec.mode,
+                    search_alg=searcher,
+                    scheduler=scheduler,
+                    num_samples=spec.num_samples,
+                    max_concurrent_trials=spec.max_concurrent_trials,
+                    time_budget_s=spec.stop.time_budget_s,
+                ),
+                run_config=run_config,
+            )
+        grid_result = tuner.fit()
+        wall = time.perf_counter() - t0
+        result = _summarise(space, sweep_name, exp_path, grid_result, parent, wall)
+        from commlab.sweep.report import finish_parent
+
+        finish_parent(space, parent, result, console)
+        return result
+    except BaseException as err:
+        if parent is not None:
+            from commlab.tracking import finish_run
+
+            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+            finish_run(parent, status, f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _threshold_stopper(metric: str, mode: str, threshold: float, max_epochs: int) -> Any:
+    def stop(trial_id: str, result: dict[str, Any]) -> bool:
+        if result.get("training_iteration", 0) >= max_epochs:
+            return True
+        value = result.get(metric)
+        if value is None:
+            return False
+        return value >= threshold if mode == "max" else value <= threshold
+
+    return stop
+
+
+def _open_parent(space: LoadedSpace, sweep_name: str, exp_path: str, uri: str) -> Any:
+    from commlab.tracking.runs import open_run
+
+    experiment = space.base.name
+    ref, _ = open_run(
+        uri,
+        experiment,
+        run_key=f"sweep:{exp_path}",
+        run_name=sweep_name,
+        params={f"base.{k}": v for k, v in flatten(space.base).items()},
+        tags={
+            SWEEP_TAG: sweep_name,
+            "commlab.kind": "sweep",
+            "commlab.metric": space.spec.metric,
+            "commlab.mode": space.spec.mode,
+            "commlab.sweep_path": exp_path,
+        },
+    )
+    from commlab.config import to_yaml
+    from commlab.tracking.runs import RunLogger
+
+    logger = RunLogger(ref)
+    logger.log_text(space.path.read_text(), "search_space.yaml")
+    logger.log_text(to_yaml(space.base), "base_config.yaml")
+    return ref
+
+
+def _summarise(
+    space: LoadedSpace, sweep_name: str, exp_path: str, grid: Any, parent: Any, wall: float
+) -> SweepResult:
+    spec = space.spec
+    trials = []
+    for r in grid:
+        df = r.metrics_dataframe
+        history = (
+            []
+            if df is None or spec.metric not in df
+            else [
+                (int(i), float(v))
+                for i, v in zip(df["training_iteration"], df[spec.metric], strict=True)
+                if v == v
+            ]
+        )
+        trials.append(
+            {
+                "trial_id": (r.metrics or {}).get("trial_id"),
+                "config": {k: v for k, v in (r.config or {}).items()},
+                "metric": (r.metrics or {}).get(spec.metric),
+                "iterations": (r.metrics or {}).get("training_iteration"),
+                "train_seconds": (r.metrics or {}).get("time_total_s"),
+                "checkpoint": (r.metrics or {}).get("checkpoint_path"),
+                "error": str(r.error) if r.error else None,
+                "history": history,
+            }
+        )
+    best_id = best_metric = best_ckpt = None
+    best_params: dict[str, Any] = {}
+    try:
+        best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="all")
+    except RuntimeError:
+        best = None
+    if best is not None and best.metrics:
+        best_id = best.metrics.get("trial_id")
+        df = best.metrics_dataframe
+        series = df[spec.metric].dropna() if df is not None and spec.metric in df else None
+        if series is not None and len(series):
+            best_metric = float(series.max() if spec.mode == "max" else series.min())
+        best_params = dict(best.config or {})
+        best_ckpt = best.metrics.get("checkpoint_path")
+    return SweepResult(
+        sweep_name,
+        exp_path,
+        parent.run_id,
+        best_id,
+        best_metric,
+        best_params,
+        best_ckpt,
+        trials,
+        wall,
+    )
+
+
+def sweep_plan(path: str | Path) -> LoadedSpace:
+    """Validate a search space without running it (used by `commlab sweep --check`)."""
+    space = load_space(path)
+    check_metric(space, dataset_tasks(space))
+    return space
