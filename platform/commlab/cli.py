@@ -38,16 +38,106 @@ def pretrain(
     resume: Annotated[
         bool, typer.Option(help="continue from the checkpoint in the run directory")
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="0: train in this process (no Ray); N >= 1: Ray Train, N data-parallel workers",
+        ),
+    ] = 0,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)"
+        ),
+    ] = None,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per Ray worker")] = 0.0,
+    cpus_per_worker: Annotated[float, typer.Option(min=0.01, help="CPUs per Ray worker")] = 1.0,
+    max_failures: Annotated[
+        int, typer.Option(min=-1, help="Ray worker-group restarts from the last checkpoint")
+    ] = 1,
+    experiment: Annotated[
+        str | None, typer.Option(help="MLflow experiment for --workers >= 1 (default: name)")
+    ] = None,
 ) -> None:
-    """Pretrain locally in this process; probes every train.probe_every epochs."""
+    """Pretrain; probes every train.probe_every epochs.
+
+    --workers 0 (default): in this process; checkpoint.pt and metrics.jsonl in the run directory.
+
+    --workers N: Ray Train, N data-parallel workers; restarts after worker failures.
+
+    Ray runs log one MLflow run to $MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db).
+    """
     from commlab.config import ConfigError, load_config
     from commlab.train.local import pretrain_local
+    from commlab.train.loop import NonFiniteLossError
 
+    if workers == 0 and (address or gpus_per_worker or experiment):
+        raise _fail("--address, --gpus-per-worker and --experiment need --workers >= 1")
     try:
         cfg = load_config(config, overrides or [])
-        pretrain_local(cfg, run_dir=out, resume=resume, console=console)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+        if workers == 0:
+            pretrain_local(cfg, run_dir=out, resume=resume, console=console)
+            return
+        from commlab.train.trainer import PretrainFailedError, RayTrainSettings, pretrain_ray
+
+        settings = RayTrainSettings(
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
+            gpus_per_worker=gpus_per_worker,
+            max_failures=max_failures,
+            storage_path=str(out.parent) if out else None,
+            run_name=out.name if out else None,
+            resume=resume,
+            address=address,
+            experiment=experiment,
+        )
+        try:
+            pretrain_ray(cfg, settings, console=console)
+        except PretrainFailedError as err:
+            err_console.print(f"[bold red]pretraining failed:[/] {err}")
+            raise typer.Exit(code=1) from None
+    except NonFiniteLossError as err:
+        err_console.print(f"[bold red]pretraining failed:[/] {err}")
+        raise typer.Exit(code=1) from None
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
         raise _fail(str(err)) from None
+
+
+@app.command()
+def sweep(
+    space: Annotated[Path, typer.Argument(help="search-space YAML (see search_spaces/README.md)")],
+    name: Annotated[str | None, typer.Option(help="sweep name (default: the space's name)")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="finish an interrupted sweep; finished trials are not re-run")
+    ] = False,
+    storage: Annotated[
+        str | None, typer.Option(help="Tune/Train storage: a path or pyarrow URI (default ./sweeps)")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else embedded)")
+    ] = None,
+    check: Annotated[bool, typer.Option(help="validate the search space and exit")] = False,
+) -> None:
+    """Sweep CoMM pretraining with Ray Tune (Optuna TPE + ASHA); one MLflow parent run per
+    sweep, one child run per trial, at $MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db)."""
+    from commlab.sweep.run import SweepFailedError, run_sweep, sweep_plan
+    from commlab.sweep.space import SearchSpaceError
+
+    try:
+        if check:
+            plan = sweep_plan(space)
+            console.print(
+                f"[green]✓[/] {space}: {plan.spec.num_samples} trials over "
+                f"{', '.join(plan.spec.params) or 'no parameters'}; metric {plan.spec.metric} ({plan.spec.mode})"
+            )
+            return
+        run_sweep(space, name=name, resume=resume, storage=storage, address=address, console=console)
+    except (SearchSpaceError, ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    except SweepFailedError as err:
+        err_console.print(f"[bold red]sweep failed:[/] {err}")
+        raise typer.Exit(code=1) from None
 
 
 @config_app.command("show")
@@ -105,6 +195,395 @@ def data_validate(path: Annotated[Path, typer.Argument(help="dataset directory")
             err_console.print(f"[red]✗[/] {p}")
         raise typer.Exit(code=1)
     console.print(f"[green]✓[/] {path} is a valid commlab dataset")
+
+
+@data_app.command("import")
+def data_import(
+    name: Annotated[
+        str, typer.Argument(help="mosi | mosei | humor | sarcasm | mimic | visionandtouch | mmimdb")
+    ],
+    src: Annotated[
+        Path,
+        typer.Argument(
+            help="published source: a pickle (affect, mimic) or a directory (visionandtouch, mmimdb)"
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="dataset directory to write")],
+    task: Annotated[
+        int | None, typer.Option(help="mimic: ICD-9 group 0-19 (default 7), -1 = 6-class mortality")
+    ] = None,
+    modalities: Annotated[
+        str | None,
+        typer.Option(help="affect / visionandtouch: modalities to keep, e.g. vision,text"),
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="visionandtouch / mmimdb: resize images to this side")
+    ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option", "-o", help="any importer option as key=value, e.g. -o plot=longest"
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing dataset directory")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Convert published benchmark files into a commlab dataset; nothing is downloaded.
+
+    WARNING: loading a pickle (affect, mimic) runs code stored in it: import only pickles you trust.
+
+    Options of every importer: docs/datasets.md.
+    """
+    from commlab.data.importers import import_dataset, parse_options
+
+    try:
+        opts = parse_options(option or [])
+        given = {"task": task, "modalities": modalities, "image_size": image_size}
+        opts.update({k: v for k, v in given.items() if v is not None})
+        path = import_dataset(name, src, out, overwrite=overwrite, progress=progress, **opts)
+    except (ValueError, FileExistsError) as err:
+        raise _fail(str(err)) from None
+    console.print(f"[green]✓[/] {name} imported: {path}")
+
+
+_TRACKING_HELP = (
+    "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)"
+)
+
+
+@app.command()
+def runs(
+    sweep: Annotated[
+        str | None, typer.Option(help="show this sweep's trials (sweep name or parent run id)")
+    ] = None,
+    experiment: Annotated[str | None, typer.Option(help="only this MLflow experiment")] = None,
+    sort: Annotated[
+        str | None,
+        typer.Option(help="rank trials by this metric (default: the sweep's selection metric)"),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(help="max | min for --sort (default: the sweep's mode, else by the name)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
+) -> None:
+    """List sweeps, or one sweep's trials ranked by its selection metric (best value over
+    each trial's history, the rule of the sweep's best trial and of `commlab promote`)."""
+    import json
+
+    from commlab.tracking.query import (
+        QueryError,
+        list_sweeps,
+        sweep_trials,
+        sweeps_table,
+        trials_table,
+    )
+
+    try:
+        if sweep is None:
+            if sort or mode:
+                raise _fail("--sort/--mode rank one sweep's trials: add --sweep NAME")
+            rows = list_sweeps(tracking_uri, experiment)
+            if as_json:
+                typer.echo(json.dumps(rows, indent=1))
+            elif not rows:
+                console.print("no sweeps yet (run `commlab sweep FILE`)")
+            else:
+                console.print(sweeps_table(rows))
+            return
+        data = sweep_trials(sweep, tracking_uri, experiment, sort=sort, mode=mode)
+    except (QueryError, ValueError) as err:
+        raise _fail(str(err)) from None
+    if as_json:
+        typer.echo(json.dumps(data, indent=1))
+    else:
+        console.print(trials_table(data))
+
+
+@app.command()
+def promote(
+    sweep: Annotated[str, typer.Option(help="sweep name (or its parent run id)")],
+    model: Annotated[str, typer.Option(help="registered model name")],
+    alias: Annotated[str, typer.Option(help="alias to point at the new version")] = "champion",
+    metric: Annotated[
+        str | None, typer.Option(help="rank trials by this metric (default: the sweep's)")
+    ] = None,
+    mode: Annotated[str | None, typer.Option(help="max | min (needed with --metric)")] = None,
+    experiment: Annotated[str | None, typer.Option(help="MLflow experiment of the sweep")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")] = False,
+    tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
+) -> None:
+    """Register the sweep's best FINISHED trial as a model version and set the alias.
+
+    Promoting a trial the model already holds only moves the alias (no duplicate version).
+    """
+    import json
+
+    from commlab.tracking.query import QueryError
+    from commlab.tracking.registry import PromotionError
+    from commlab.tracking.registry import promote as promote_best
+
+    try:
+        p = promote_best(
+            sweep,
+            model,
+            alias=alias,
+            metric=metric,
+            mode=mode,
+            experiment=experiment,
+            tracking_uri=tracking_uri,
+        )
+    except (PromotionError, QueryError, ValueError) as err:
+        raise _fail(str(err)) from None
+    if as_json:
+        typer.echo(json.dumps(p.to_dict(), indent=1))
+        return
+    what = "registered as version" if p.created else "already registered as version"
+    console.print(
+        f"trial {p.trial_id} of sweep {p.sweep} ({p.metric} = {p.value:.4f}, {p.mode}) "
+        f"{what} {p.version} of {p.model}; alias [bold]{p.alias}[/] -> {p.version}"
+    )
+    console.print(f"load it: commlab.load_encoder({p.uri!r})")
+
+
+@app.command()
+def embed(
+    model_uri: Annotated[
+        str,
+        typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, a run id, or a checkpoint"),
+    ],
+    dataset: Annotated[Path, typer.Argument(help="commlab Parquet dataset directory")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write")],
+    batch_size: Annotated[int, typer.Option(min=1, help="samples per forward pass")] = 256,
+    split: Annotated[
+        list[str] | None, typer.Option(help="only these splits (repeatable; default: all)")
+    ] = None,
+    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
+) -> None:
+    """Embed a dataset with a trained encoder: sample_id, split, embedding (fixed-size list)."""
+    from commlab.encoder import embed_dataset, load_encoder
+
+    try:
+        encoder = load_encoder(model_uri, tracking_uri=tracking_uri, device=device)
+        result = embed_dataset(
+            encoder, dataset, out, batch_size=batch_size, splits=split, progress=progress
+        )
+    except (LookupError, ValueError, FileNotFoundError) as err:
+        raise _fail(str(err)) from None
+    console.print(
+        f"[green]✓[/] {result.rows} embeddings of dimension {result.dim} -> {result.path}"
+    )
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port to serve on")] = 5000,
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
+) -> None:
+    """Start the MLflow UI on the project's tracking store (an http store: print its URL)."""
+    import subprocess
+
+    from commlab.tracking.query import ui_command
+    from commlab.tracking.runs import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    try:
+        argv = ui_command(uri, host, port)
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    if argv is None:
+        console.print(f"MLflow UI: {uri}")
+        return
+    console.print(f"MLflow UI: http://{host}:{port}  (store {uri}; Ctrl-C to stop)")
+    try:
+        code = subprocess.run(argv, check=False).returncode
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code=code)
+
+
+_JOBS_ADDRESS_HELP = (
+    "Ray Jobs API (dashboard) address, http://HOST:8265 (default: $RAY_API_SERVER_ADDRESS, "
+    "$RAY_ADDRESS, else http://127.0.0.1:8265)"
+)
+_TOKEN_FILE_HELP = (
+    "file holding the cluster's Ray auth token (default: $RAY_AUTH_TOKEN, "
+    "$COMMLAB_RAY_TOKEN_FILE, ~/.ray/auth_token)"
+)
+jobs_app = typer.Typer(
+    help="Ray Jobs on a cluster: list, status, logs, stop.", no_args_is_help=True
+)
+app.add_typer(jobs_app, name="jobs")
+
+
+@app.command(context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})
+def submit(
+    kind: Annotated[str, typer.Argument(help="sweep | pretrain | promote", metavar="KIND")],
+    args: Annotated[
+        list[str] | None, typer.Argument(help="the arguments of `commlab KIND`", metavar="ARGS")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help=_JOBS_ADDRESS_HELP)] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(help="stream the logs; exit code = job status (0 ok, 1 failed, 3 stopped)"),
+    ] = False,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            help="MLflow tracking URI as the cluster sees it (default: $MLFLOW_TRACKING_URI)"
+        ),
+    ] = None,
+    working_dir: Annotated[
+        Path | None,
+        typer.Option(help="directory shipped with the job (default: the commlab checkout, else .)"),
+    ] = None,
+    pip: Annotated[
+        list[str] | None, typer.Option(help="extra pip requirement for the job (repeatable)")
+    ] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help=_TOKEN_FILE_HELP)] = None,
+    submission_id: Annotated[
+        str | None, typer.Option(help="the job's id (default: Ray picks one)")
+    ] = None,
+) -> None:
+    """Run `commlab sweep|pretrain|promote ARGS...` on a Ray cluster, as a Ray Job.
+
+    submit's options come before KIND; everything after KIND goes to that command. Files named
+    in ARGS are checked here first; the code travels with the job (docker/README.md).
+    """
+    from rich.markup import escape
+
+    from commlab.cluster import ClusterError
+    from commlab.jobs import SubmitError, exit_code, follow_job
+    from commlab.jobs import submit as submit_job
+
+    try:
+        sub = submit_job(
+            kind,
+            args or [],
+            address=address,
+            tracking_uri=tracking_uri,
+            working_dir=working_dir,
+            pip=pip,
+            token_file=auth_token_file,
+            submission_id=submission_id,
+        )
+    except (SubmitError, ClusterError) as err:
+        raise _fail(escape(str(err))) from None
+    for warning in sub.spec.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
+    console.print(f"submitted job [bold]{sub.job_id}[/] to {sub.address}", highlight=False)
+    if not follow:
+        console.print(f"follow it: commlab jobs logs {sub.job_id} --follow --address {sub.address}")
+        return
+    try:
+        status = follow_job(sub.job_id, address, token_file=auth_token_file)
+    except ClusterError as err:
+        raise _fail(escape(str(err))) from None
+    except KeyboardInterrupt:
+        err_console.print(f"stopped following; the job runs on (commlab jobs stop {sub.job_id})")
+        raise typer.Exit(code=130) from None
+    console.print(f"job {sub.job_id}: {status}", highlight=False)
+    raise typer.Exit(code=exit_code(status))
+
+
+@jobs_app.command("list")
+def jobs_list(
+    address: Annotated[str | None, typer.Option(help=_JOBS_ADDRESS_HELP)] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help=_TOKEN_FILE_HELP)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")] = False,
+) -> None:
+    """List the cluster's jobs, oldest first."""
+    import json
+
+    from rich.markup import escape
+
+    from commlab.cluster import ClusterError
+    from commlab.jobs import jobs_table, list_jobs
+
+    try:
+        rows = list_jobs(address, token_file=auth_token_file)
+    except ClusterError as err:
+        raise _fail(escape(str(err))) from None
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+    else:
+        console.print(jobs_table(rows))
+
+
+@jobs_app.command("status")
+def jobs_status(
+    job_id: Annotated[str, typer.Argument(help="job (submission) id")],
+    address: Annotated[str | None, typer.Option(help=_JOBS_ADDRESS_HELP)] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help=_TOKEN_FILE_HELP)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")] = False,
+) -> None:
+    """Show a job's status (and its message, e.g. why it failed)."""
+    import json
+
+    from rich.markup import escape
+
+    from commlab.cluster import ClusterError
+    from commlab.jobs import job_info
+
+    try:
+        info = job_info(job_id, address, token_file=auth_token_file)
+    except ClusterError as err:
+        raise _fail(escape(str(err))) from None
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+    else:
+        console.print(f"{job_id}: {info['status']}  {info['message'] or ''}", highlight=False)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: Annotated[str, typer.Argument(help="job (submission) id")],
+    follow: Annotated[
+        bool, typer.Option(help="stream until the job ends; exit code = job status")
+    ] = False,
+    address: Annotated[str | None, typer.Option(help=_JOBS_ADDRESS_HELP)] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help=_TOKEN_FILE_HELP)] = None,
+) -> None:
+    """Print a job's logs (driver stdout and stderr)."""
+    from rich.markup import escape
+
+    from commlab.cluster import ClusterError
+    from commlab.jobs import exit_code, follow_job, job_logs
+
+    try:
+        if not follow:
+            typer.echo(job_logs(job_id, address, token_file=auth_token_file), nl=False)
+            return
+        status = follow_job(job_id, address, token_file=auth_token_file)
+    except ClusterError as err:
+        raise _fail(escape(str(err))) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(code=130) from None
+    console.print(f"job {job_id}: {status}", highlight=False)
+    raise typer.Exit(code=exit_code(status))
+
+
+@jobs_app.command("stop")
+def jobs_stop(
+    job_id: Annotated[str, typer.Argument(help="job (submission) id")],
+    address: Annotated[str | None, typer.Option(help=_JOBS_ADDRESS_HELP)] = None,
+    auth_token_file: Annotated[Path | None, typer.Option(help=_TOKEN_FILE_HELP)] = None,
+) -> None:
+    """Stop a running job (its trials and workers with it)."""
+    from rich.markup import escape
+
+    from commlab.cluster import ClusterError
+    from commlab.jobs import stop_job
+
+    try:
+        stopped = stop_job(job_id, address, token_file=auth_token_file)
+    except ClusterError as err:
+        raise _fail(escape(str(err))) from None
+    console.print(f"{job_id}: {'stop requested' if stopped else 'already ended'}")
 
 
 def main() -> None:

@@ -52,8 +52,9 @@ class ProgressView(Callback):
     """One compact line whenever something changes: trials running / done / stopped / errored,
     and the best value of the selection metric so far."""
 
-    def __init__(self, metric: str, mode: str, max_epochs: int, console: Console) -> None:
-        self.metric, self.mode, self.console = metric, mode, console
+    def __init__(self, metric: str, mode: str, max_epochs: int) -> None:
+        # No Console attribute: Tune pickles its callbacks into the experiment state.
+        self.metric, self.mode = metric, mode
         self.max_epochs = max_epochs
         self.best: tuple[float, str] | None = None
         self.t0 = time.perf_counter()
@@ -92,9 +93,19 @@ class ProgressView(Callback):
             counts[key] += 1
         best = f"best {_fmt(self.best[0])} ({self.best[1]})" if self.best else "best -"
         state = " ".join(f"{k} {v}" for k, v in counts.items() if v)
-        self.console.print(
+        _console().print(
             f"[{time.perf_counter() - self.t0:6.0f}s] {state} | {best} | {event}", highlight=False
         )
+
+
+_CONSOLE: Console | None = None
+
+
+def _console() -> Console:
+    global _CONSOLE
+    if _CONSOLE is None:
+        _CONSOLE = Console()
+    return _CONSOLE
 
 
 def _fmt(value: Any) -> str:

@@ -26,6 +26,10 @@ SWEEP_TAG = "commlab.sweep"
 TRIAL_TAG = "ray.trial_id"
 
 
+class SweepFailedError(RuntimeError):
+    """Every trial of the sweep failed."""
+
+
 @dataclass
 class SweepResult:
     name: str
@@ -106,9 +110,12 @@ def _connect(space: LoadedSpace, address: str | None) -> bool:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address)
     else:
-        # Embedded: logical CPUs sized for the concurrent trials (trial drivers mostly wait).
+        # Embedded: one extra logical CPU per concurrent trial driver (they mostly wait), so the
+        # trial drivers never hold the cores their own Train workers need.
         cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(space)))
-        ray.init(num_cpus=cpus, include_dashboard=False)
+        # A loaded machine can take more than Ray's default 60 s to start a worker group.
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+        ray.init(num_cpus=cpus + space.spec.max_concurrent_trials, include_dashboard=False)
     return True
 
 
@@ -149,6 +156,13 @@ def run_sweep(
 
     console = console or Console()
     space = load_space(path)
+    # Tune runs each trial in its own directory: resolve a relative data path here, once.
+    data = space.base_raw.setdefault("data", {})
+    if "://" not in space.base.data.path and not Path(space.base.data.path).is_absolute():
+        data["path"] = str(Path(space.base.data.path).resolve())
+        space.base = space.base.model_copy(
+            update={"data": space.base.data.model_copy(update={"path": data["path"]})}
+        )
     check_metric(space, dataset_tasks(space))
     root = storage_root(storage)
     base_name = name or space.name
@@ -175,7 +189,9 @@ def run_sweep(
             f"{spec.max_concurrent_trials} at a time, metric {spec.metric} ({spec.mode}) -> {exp_path}"
             f"  (MLflow parent run {parent.run_id})"
         )
-        trainable = make_trainable(space, parent, storage=f"{exp_path}/trains")
+        trainable = make_trainable(
+            space, parent, storage=f"{exp_path}/trains", sweep_name=sweep_name
+        )
         if spec.scheduler.name == "asha":
             scheduler: Any = ASHAScheduler(
                 time_attr="training_iteration",
@@ -192,13 +208,13 @@ def run_sweep(
             searcher = BasicVariantGenerator(random_state=spec.searcher.seed)
         callbacks = [
             CloseChildRuns(parent, max_epochs=space.max_epochs),
-            ProgressView(spec.metric, spec.mode, space.max_epochs, console),
+            ProgressView(spec.metric, spec.mode, space.max_epochs),
         ]
-        stop = {"training_iteration": space.max_epochs}
+        # Trials end by themselves after max_epochs (train.epochs is set to it); a Tune stop at
+        # the last report would tear the workers down before rank 0's final logging.
+        stop = None
         if spec.stop.metric_threshold is not None:
-            stop = _threshold_stopper(
-                spec.metric, spec.mode, spec.stop.metric_threshold, space.max_epochs
-            )
+            stop = _threshold_stopper(spec.metric, spec.mode, spec.stop.metric_threshold)
         run_config = tune.RunConfig(
             name=sweep_name,
             storage_path=root,
@@ -233,6 +249,10 @@ def run_sweep(
         from commlab.sweep.report import finish_parent
 
         finish_parent(space, parent, result, console)
+        if result.trials and all(t["error"] for t in result.trials):
+            raise SweepFailedError(
+                f"every trial of sweep {sweep_name} failed; first error: {result.trials[0]['error']}"
+            )
         return result
     except BaseException as err:
         if parent is not None:
@@ -248,10 +268,8 @@ def run_sweep(
             ray.shutdown()
 
 
-def _threshold_stopper(metric: str, mode: str, threshold: float, max_epochs: int) -> Any:
+def _threshold_stopper(metric: str, mode: str, threshold: float) -> Any:
     def stop(trial_id: str, result: dict[str, Any]) -> bool:
-        if result.get("training_iteration", 0) >= max_epochs:
-            return True
         value = result.get(metric)
         if value is None:
             return False

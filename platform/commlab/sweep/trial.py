@@ -23,12 +23,11 @@ def trial_config(
     return validate_config(apply_overrides(base_raw, [*overrides, f"train.epochs={max_epochs}"]))
 
 
-def make_trainable(space: LoadedSpace, parent: Any, storage: str) -> Any:
+def make_trainable(space: LoadedSpace, parent: Any, storage: str, sweep_name: str) -> Any:
     """A closure over plain data (picklable) that Tune runs once per trial."""
     spec = space.spec
     base_raw = space.base_raw
     max_epochs = space.max_epochs
-    sweep_name = parent_sweep = space.name
     resources = spec.resources.model_dump()
     metric, mode = spec.metric, spec.mode
 
@@ -53,10 +52,10 @@ def make_trainable(space: LoadedSpace, parent: Any, storage: str) -> Any:
             tags={
                 PARENT_TAG: parent.run_id,
                 TRIAL_TAG: trial_id,
-                SWEEP_TAG: parent_sweep,
+                SWEEP_TAG: sweep_name,
                 "commlab.kind": "trial",
                 "commlab.method": cfg.model.method,
-                **{f"commlab.param.{k}": v for k, v in config.items()},
+                **{f"commlab.param.{k}": str(v) for k, v in config.items()},
             },
         )
         settings = RayTrainSettings(

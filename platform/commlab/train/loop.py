@@ -190,7 +190,7 @@ class PretrainRun:
         for step in range(self.steps_per_epoch):
             ids = order[step * self.per_rank_batch : (step + 1) * self.per_rank_batch]
             va, vb = self._views(ids, gen)
-            if self.flops_per_sample is None and ctx.rank == 0:
+            if self.flops_per_sample is None:  # every rank: synced BatchNorm communicates
                 self.flops_per_sample = self._measure_flops(va, vb) / (2 * va.size)
             with self._autocast():
                 out = self.model(va, vb, gather=gather)
@@ -221,8 +221,9 @@ class PretrainRun:
 
     def _measure_flops(self, va: Any, vb: Any) -> float:
         """FLOPs of one forward+backward on this batch, counted on a copy of the model so
-        that BatchNorm statistics and gradients of the real one are untouched. Rank 0 only, so
-        no collectives: the loss is computed on the local batch."""
+        that BatchNorm statistics and gradients of the real one are untouched. The loss is
+        computed on the local batch (no gathered negatives); every rank runs it because
+        BatchNorm synchronised across workers (SyncBatchNorm) communicates in its forward."""
         probe_model = copy.deepcopy(self.method)
         flops = count_flops(lambda: probe_model.loss(va, vb).loss.backward())
         return flops

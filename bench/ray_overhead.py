@@ -1,0 +1,302 @@
+"""Ray Train overhead and data-parallel scaling of CoMM pretraining, plus bf16 vs fp32 on CPU.
+
+Workload: the Trifeatures smoke model (two conv encoders, 32 px) on generated Trifeatures pairs,
+global batch 128, no probing. Every case trains the same epochs with a checkpoint per epoch:
+
+  plain        PretrainRun in this process (the `--workers 0` path), checkpoint.pt every epoch
+  plain-1t     the same with 1 torch thread
+  ray-1w       Ray Train, 1 worker with every core (same torch threads as plain)
+  ray-1w-1t    Ray Train, 1 worker, 1 CPU and 1 torch thread
+  ray-2w-1t    Ray Train, 2 workers, 1 CPU and 1 torch thread each (gloo DDP, gathered
+               negatives, synced BatchNorm, global batch split 64 + 64)
+
+Throughput is samples per second of *wall time per epoch in steady state*: the median interval
+between consecutive epoch checkpoints (`created_at` inside checkpoint.pt), first epoch excluded,
+so it includes reporting and checkpointing but not Ray's one-off startup (reported apart).
+`loop_samples_per_s` is the loop's own `perf/samples_per_s` (training steps only).
+  ceiling-2p   2 independent in-process loops at once (batch 64 each, no communication): the
+               best any 2-worker run could do on this machine at this moment
+Overhead = 1 - ray-1w / plain (and 1 - ray-1w-1t / plain-1t); scaling = ray-2w-1t / ray-1w-1t (each worker on its own core
+with torch threads = 1, so the ratio measures data parallelism, not thread contention).
+The precision section times 4-step epochs in this process, fp32 vs bf16 autocast (all cores,
+then 1 thread).
+
+    python bench/ray_overhead.py [--epochs 4] [--pairs 1024] [--out bench/results/ray_overhead.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from commlab.config import ExperimentConfig, apply_overrides, load_config, validate_config
+from commlab.train.checkpoint import load_checkpoint, save_checkpoint
+from commlab.train.local import checkpoint_payload
+from commlab.train.loop import PretrainRun
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_config(data_root: Path, pairs: int, epochs: int, *extra: str) -> ExperimentConfig:
+    base = load_config(REPO / "configs" / "trifeatures" / "smoke.yaml")
+    raw = base.model_dump(mode="json")
+    overrides = [
+        f"data.path={data_root}",
+        f"data.params={{size: 32, pairs: {pairs}, test_pairs: 256, biased: false}}",
+        "data.batch_size=128",
+        "data.probe_tasks=[]",
+        f"train.epochs={epochs}",
+        "train.probe_every=0",
+        "train.device=cpu",
+        *extra,
+    ]
+    return validate_config(apply_overrides(raw, overrides))
+
+
+def steady(intervals: list[float]) -> float:
+    return statistics.median(intervals[1:] if len(intervals) > 2 else intervals)
+
+
+def run_plain(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    run = PretrainRun(cfg)
+    setup = time.perf_counter() - t0
+    ends: list[float] = []
+    loop: list[float] = []
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float], r: PretrainRun) -> None:
+        save_checkpoint(out / "checkpoint.pt", checkpoint_payload(r, metrics))
+        ends.append(time.time())
+        loop.append(metrics["perf/samples_per_s"])
+
+    start = time.time()
+    run.fit(on_epoch_end)
+    intervals = [b - a for a, b in zip([start, *ends], ends, strict=False)]
+    samples = run.steps_per_epoch * cfg.data.batch_size
+    return {
+        "samples_per_epoch": samples,
+        "epoch_wall_s": steady(intervals),
+        "samples_per_s": samples / steady(intervals),
+        "loop_samples_per_s": statistics.median(loop[1:]),
+        "startup_s": setup,
+    }
+
+
+def run_ray(cfg: ExperimentConfig, workers: int, cpus: float, storage: Path) -> dict[str, Any]:
+    from commlab.train.trainer import RayTrainSettings, build_trainer
+
+    settings = RayTrainSettings(
+        workers=workers, cpus_per_worker=cpus, num_to_keep=None, tracking=False, max_failures=0
+    )
+    name = f"bench-{workers}w-{int(cpus)}c"
+    trainer = build_trainer(cfg, settings, name=name, storage_path=str(storage))
+    start = time.time()
+    trainer.fit()
+    ckpts = sorted(
+        (load_checkpoint(p / "checkpoint.pt") for p in (storage / name).glob("checkpoint_*/")),
+        key=lambda c: c["epoch"],
+    )
+    ends = [c["created_at"] for c in ckpts]
+    intervals = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    loop = [c["metrics"]["perf/samples_per_s"] for c in ckpts]
+    samples = ckpts[0]["metrics"]["perf/samples_per_s"] * ckpts[0]["metrics"]["perf/epoch_time_s"]
+    epoch_wall = statistics.median(intervals)
+    return {
+        "samples_per_epoch": round(samples),
+        "epoch_wall_s": epoch_wall,
+        "samples_per_s": round(samples) / epoch_wall,
+        "loop_samples_per_s": statistics.median(loop[1:]),
+        # from fit() to the first checkpoint, minus one steady epoch: Ray + worker startup
+        "startup_s": ends[0] - start - epoch_wall,
+    }
+
+
+def _independent(q: Any, cfg_json: dict[str, Any]) -> None:
+    cfg = ExperimentConfig.model_validate(cfg_json)
+    run = PretrainRun(cfg)
+    rates = [run.run_epoch(e)["perf/samples_per_s"] for e in range(cfg.train.epochs)]
+    q.put(statistics.median(rates[1:]))
+
+
+def run_ceiling(cfg: ExperimentConfig, procs: int) -> dict[str, Any]:
+    """`procs` independent single-process loops at once, each on batch / procs samples, no
+    communication at all: the most any data-parallel run could get from this machine now."""
+    import multiprocessing as mp
+
+    c = cfg.model_copy(deep=True)
+    c.data.batch_size = cfg.data.batch_size // procs
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ps = [
+        ctx.Process(target=_independent, args=(q, c.model_dump(mode="json"))) for _ in range(procs)
+    ]
+    for p in ps:
+        p.start()
+    rates = [q.get() for _ in ps]
+    for p in ps:
+        p.join()
+    return {"procs": procs, "loop_samples_per_s_each": rates, "loop_samples_per_s": sum(rates)}
+
+
+def precision_case(cfg: ExperimentConfig, precision: str, threads: int) -> dict[str, Any]:
+    c = cfg.model_copy(deep=True)
+    c.train.precision = precision
+    c.train.threads = threads
+    c.train.max_steps_per_epoch = 4
+    run = PretrainRun(c)
+    rates = [run.run_epoch(e)["perf/samples_per_s"] for e in range(3)]
+    return {
+        "precision": precision,
+        "threads": threads,
+        "samples_per_s": statistics.median(rates[1:]),
+    }
+
+
+def with_load(fn: Any, *args: Any) -> dict[str, Any]:
+    """`fn(*args)` plus the 1-minute load average before and after: other processes on this
+    machine skew every number here, so the JSON says how busy it was."""
+    before = os.getloadavg()[0]
+    out = fn(*args)
+    out["loadavg_1m"] = [round(before, 2), round(os.getloadavg()[0], 2)]
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import ray
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = Path("/proc/cpuinfo").read_text()
+        bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        bf16 = False
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "cpu_bf16": bf16,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "python": platform.python_version(),
+        "device": "cpu",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--pairs", type=int, default=1024)
+    ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "commlab-bench")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ray_overhead.json")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    cores = os.cpu_count() or 1
+    if os.getloadavg()[0] > 0.5:
+        print(
+            f"warning: load average {os.getloadavg()[0]:.2f} before starting: numbers will be skewed"
+        )
+    data = args.data.resolve() / "trifeatures"
+    full = make_config(data, args.pairs, args.epochs, f"train.threads={cores}")
+    one = make_config(data, args.pairs, args.epochs, "train.threads=1")
+    results: dict[str, Any] = {"machine": machine(), "workload": {}, "cases": {}}
+    results["workload"] = {
+        "config": "configs/trifeatures/smoke.yaml (32 px, conv width 16, embed 64)",
+        "pairs": args.pairs,
+        "global_batch": full.data.batch_size,
+        "epochs": args.epochs,
+        "probe": "off",
+        "mlflow": "off (tracking=False)",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        print("plain (in-process) ...", flush=True)
+        results["cases"]["plain"] = with_load(run_plain, full, root)
+        print("plain-1t (in-process, 1 thread) ...", flush=True)
+        results["cases"]["plain-1t"] = with_load(run_plain, one, root)
+        print("ceiling (2 independent processes, 1 thread each) ...", flush=True)
+        results["ceiling_2p"] = with_load(run_ceiling, one, 2)
+        ray.init(num_cpus=cores, include_dashboard=False)
+        try:
+            for label, cfg, workers, cpus in [
+                ("ray-1w", full, 1, float(cores)),
+                ("ray-1w-1t", one, 1, 1.0),
+                ("ray-2w-1t", one, 2, 1.0),
+            ]:
+                print(f"{label} ...", flush=True)
+                results["cases"][label] = with_load(run_ray, cfg, workers, cpus, root / "ray")
+        finally:
+            ray.shutdown()
+        print("precision ...", flush=True)
+        results["precision"] = [
+            with_load(precision_case, full, p, t) for t in (cores, 1) for p in ("fp32", "bf16")
+        ]
+
+    c = results["cases"]
+    results["ray_overhead"] = 1.0 - c["ray-1w"]["samples_per_s"] / c["plain"]["samples_per_s"]
+    results["ray_loop_overhead"] = (
+        1.0 - c["ray-1w"]["loop_samples_per_s"] / c["plain"]["loop_samples_per_s"]
+    )
+    results["ray_overhead_1t"] = (
+        1.0 - c["ray-1w-1t"]["samples_per_s"] / c["plain-1t"]["samples_per_s"]
+    )
+    results["scaling_2w_vs_1w"] = c["ray-2w-1t"]["samples_per_s"] / c["ray-1w-1t"]["samples_per_s"]
+    results["ceiling_2p_vs_1"] = (
+        results["ceiling_2p"]["loop_samples_per_s"] / c["plain-1t"]["loop_samples_per_s"]
+    )
+    results["scaling_2w_vs_1w_loop"] = (
+        c["ray-2w-1t"]["loop_samples_per_s"] / c["ray-1w-1t"]["loop_samples_per_s"]
+    )
+    results["scaling_2w_vs_plain"] = c["ray-2w-1t"]["samples_per_s"] / c["plain"]["samples_per_s"]
+    by = {(p["precision"], p["threads"]): p["samples_per_s"] for p in results["precision"]}
+    results["bf16_speedup"] = {str(t): by[("bf16", t)] / by[("fp32", t)] for t in (cores, 1)}
+
+    print(
+        f"\n{'case':<11} {'samples/s':>10} {'loop s/s':>9} {'epoch s':>8} {'startup s':>10}"
+        "  load before/after"
+    )
+    for label, r in c.items():
+        print(
+            f"{label:<11} {r['samples_per_s']:>10.1f} {r['loop_samples_per_s']:>9.1f} "
+            f"{r['epoch_wall_s']:>8.2f} {r['startup_s']:>10.1f}  {r['loadavg_1m']}"
+        )
+    print(
+        f"Ray Train overhead, 1 worker vs plain: {100 * results['ray_overhead']:.1f} % (target <= 10 %)"
+    )
+    print(f"  (training steps only: {100 * results['ray_loop_overhead']:.1f} %)")
+    print(f"  with 1 thread (plain-1t vs ray-1w-1t): {100 * results['ray_overhead_1t']:.1f} %")
+    print(
+        f"2 workers vs 1 (1 thread each): {results['scaling_2w_vs_1w']:.2f}x (target >= 1.6x); "
+        f"2 workers vs plain {cores} threads: {results['scaling_2w_vs_plain']:.2f}x"
+    )
+    print(
+        f"  ceiling now: 2 independent processes (no communication) vs 1: "
+        f"{results['ceiling_2p_vs_1']:.2f}x (training steps only)"
+    )
+    for p in results["precision"]:
+        print(
+            f"precision {p['precision']} threads={p['threads']}: {p['samples_per_s']:.1f} samples/s"
+        )
+    for t, s in results["bf16_speedup"].items():
+        print(f"bf16 / fp32 with {t} thread(s): {s:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

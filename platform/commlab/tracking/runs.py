@@ -1,0 +1,274 @@
+"""MLflow runs: experiments, one run per training run, params, per-epoch metrics, artifacts.
+
+All of commlab's MLflow calls go through here (train/ and sweep/ import this module, never
+mlflow). Everything uses an explicit `MlflowClient(tracking_uri)`: Ray workers change their
+working directory, so a relative or implicit URI would point each process at a different store.
+
+A training run is identified by a *run key* (the Ray Train run path). The driver opens the MLflow
+run before training (`open_run`) and hands a `RunRef` to the workers; a restarted attempt, or a
+later `fit()` that resumes the same Ray run, finds the run by its key and continues it. Rank 0
+logs through a `RunLogger`, which writes each epoch at most once (`log_epoch` skips steps MLflow
+already holds), so retried epochs never duplicate history. The driver sets the terminal status.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+RUN_KEY_TAG = "commlab.run_key"
+ERROR_TAG = "commlab.error"
+STEP_METRIC = "epoch"  # logged every epoch; its history is the set of epochs MLflow holds
+_BATCH = 100  # MLflow's log_batch limit for params (and a sane chunk for metrics)
+_MAX_PARAM_VALUE = 6000
+_TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
+def default_tracking_uri(cwd: str | Path | None = None) -> str:
+    """`$MLFLOW_TRACKING_URI` if set, else `sqlite:///<absolute cwd>/mlflow.db`.
+
+    MLflow's own default is the same sqlite file but resolved lazily in whichever process asks,
+    and Ray workers run in other directories: resolve it once, in the driver.
+    """
+    env = os.environ.get(ENV_TRACKING_URI)
+    if env:
+        return absolute_uri(env)
+    root = Path(cwd) if cwd is not None else Path.cwd()
+    return f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def absolute_uri(uri: str) -> str:
+    """A relative `sqlite:///rel.db` made absolute (from this process's CWD); others unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and ":memory:" not in uri:
+        path = Path(uri[len(prefix) :])
+        if not path.is_absolute():
+            return f"{prefix}{path.resolve()}"
+    return uri
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where new experiments keep artifacts: `mlartifacts/` beside a sqlite database file
+    (absolute, so no process's CWD matters); None for servers, which choose themselves."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and ":memory:" not in tracking_uri:
+        db = Path(tracking_uri[len(prefix) :])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return str(exp.experiment_id)
+    try:
+        return str(client.create_experiment(name, artifact_location(tracking_uri)))
+    except MlflowException:
+        # another process created it between our lookup and create
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Everything a worker needs to log into a run; small and picklable."""
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+
+def _param_value(v: Any) -> str:
+    s = "None" if v is None else str(v)
+    return s if len(s) <= _MAX_PARAM_VALUE else s[: _MAX_PARAM_VALUE - 3] + "..."
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> dict[str, str]:
+    """Log params the run does not hold yet (MLflow params are immutable).
+
+    Returns {key: new value} for keys the run already holds with a *different* value, e.g. a
+    resumed run whose `train.epochs` was raised; the caller records them as tags.
+    """
+    have = client.get_run(run_id).data.params
+    new = [Param(k, _param_value(v)) for k, v in params.items() if k not in have]
+    changed = {
+        k: _param_value(v) for k, v in params.items() if k in have and have[k] != _param_value(v)
+    }
+    for i in range(0, len(new), _BATCH):
+        client.log_batch(run_id, params=new[i : i + _BATCH])
+    return changed
+
+
+def find_run(client: MlflowClient, experiment_id: str, run_key: str) -> str | None:
+    """The newest non-deleted run of the experiment tagged with `run_key`, if any."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def open_run(
+    tracking_uri: str,
+    experiment: str,
+    run_key: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+) -> tuple[RunRef, bool]:
+    """Create the MLflow run for `run_key`, or reopen the existing one (status RUNNING again).
+
+    Returns the reference and whether an existing run was reopened. Params are logged once;
+    a reopened run whose params changed gets `commlab.changed.<key>` tags instead.
+    """
+    client = MlflowClient(tracking_uri)
+    exp_id = get_or_create_experiment(client, experiment, tracking_uri)
+    run_id = find_run(client, exp_id, run_key)
+    all_tags = {RUN_KEY_TAG: run_key, **(tags or {})}
+    reopened = run_id is not None
+    if run_id is None:
+        run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
+        if ERROR_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, ERROR_TAG)  # the error belonged to an earlier fit()
+        set_tags(client, run_id, all_tags)
+    changed = log_params(client, run_id, params)
+    set_tags(client, run_id, {f"commlab.changed.{k}": v for k, v in changed.items()})
+    return RunRef(tracking_uri, exp_id, run_id), reopened
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    items = [RunTag(k, _param_value(v)) for k, v in tags.items()]
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run_id, tags=items[i : i + _BATCH])
+
+
+def finish_run(ref: RunRef, status: str, error: str | None = None) -> None:
+    """Set the terminal status (FINISHED, FAILED or KILLED); `error` goes to a tag."""
+    if status not in _TERMINAL:
+        raise ValueError(f"status must be one of {_TERMINAL}, got {status!r}")
+    client = ref.client()
+    if error:
+        set_tags(client, ref.run_id, {ERROR_TAG: error})
+    client.set_terminated(ref.run_id, status=status)
+
+
+def run_status(ref: RunRef) -> str:
+    return str(ref.client().get_run(ref.run_id).info.status)
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        out[k] = float(v)
+    return out
+
+
+class RunLogger:
+    """Rank 0's handle on the run: idempotent per-epoch metrics, tags, artifacts."""
+
+    def __init__(self, ref: RunRef) -> None:
+        self.ref = ref
+        self.client = ref.client()
+        history = self.client.get_metric_history(ref.run_id, STEP_METRIC)
+        self._logged = {int(m.step) for m in history}
+
+    def has_epoch(self, epoch: int) -> bool:
+        return epoch in self._logged
+
+    @property
+    def logged_epochs(self) -> set[int]:
+        return set(self._logged)
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, Any]) -> bool:
+        """Log `metrics` at step `epoch` unless MLflow already holds that epoch; True if logged.
+
+        Non-numeric values are skipped; NaN/inf are kept (MLflow stores them) because a
+        diverging metric is information.
+        """
+        if epoch in self._logged:
+            return False
+        ts = int(time.time() * 1000)
+        values = {**_numeric(metrics), STEP_METRIC: float(epoch)}
+        # STEP_METRIC goes last: an interrupted batch sequence must not mark the epoch as done
+        items = [Metric(k, v, ts, epoch) for k, v in values.items() if k != STEP_METRIC]
+        for i in range(0, len(items), _BATCH):
+            self.client.log_batch(self.ref.run_id, metrics=items[i : i + _BATCH])
+        self.client.log_batch(
+            self.ref.run_id, metrics=[Metric(STEP_METRIC, float(epoch), ts, epoch)]
+        )
+        self._logged.add(epoch)
+        return True
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        set_tags(self.client, self.ref.run_id, tags)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.ref.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.ref.run_id, str(directory), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.ref.run_id, text, artifact_file)
+
+    def log_rus(self, metrics: Mapping[str, float], title: str = "") -> dict[str, float] | None:
+        """The R/U/S report (rus.json/.md/.png under `rus/`) when the probes cover its tasks."""
+        from commlab.report import rus_from_metrics, write_rus_report
+
+        rus = rus_from_metrics(metrics)
+        if not rus:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            write_rus_report(rus, tmp, title=title)
+            self.log_artifacts(tmp, "rus")
+        self.set_tags({f"commlab.rus.{k}": f"{v:.4f}" for k, v in rus.items()})
+        return rus
+
+
+def metric_steps(ref: RunRef, key: str) -> list[int]:
+    """Steps at which `key` was logged, in logging order (duplicates kept: tests check them)."""
+    return [int(m.step) for m in ref.client().get_metric_history(ref.run_id, key)]
+
+
+__all__ = [
+    "ENV_TRACKING_URI",
+    "ERROR_TAG",
+    "RUN_KEY_TAG",
+    "STEP_METRIC",
+    "RunLogger",
+    "RunRef",
+    "absolute_uri",
+    "artifact_location",
+    "default_tracking_uri",
+    "find_run",
+    "finish_run",
+    "get_or_create_experiment",
+    "log_params",
+    "metric_steps",
+    "open_run",
+    "run_status",
+    "set_tags",
+]

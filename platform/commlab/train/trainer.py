@@ -1,0 +1,283 @@
+"""Pretraining as a Ray Train (V2) job: N data-parallel workers, checkpoints, retries, MLflow.
+
+`RayTrainSettings` holds what is about *where and how* a run executes (workers, resources,
+failures, checkpoint retention, storage, tracking); the experiment itself stays in
+`ExperimentConfig`. `build_trainer` turns both into a `TorchTrainer`; `pretrain_ray` is the
+driver: it connects to Ray (embedded local cluster unless an address is given), opens the MLflow
+run before `fit()` so every attempt of the run logs into it, and sets its terminal status.
+
+Ray Train resumes silently when `(storage_path, name)` repeat. `pretrain_ray` therefore picks a
+fresh run name (`<cfg.name>`, `<cfg.name>-1`, ...) unless `resume=True`, which continues the
+named run from its last checkpoint and reopens its MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+
+from commlab.config import ExperimentConfig, flatten
+from commlab.train.loop import NonFiniteLossError
+
+
+class RayTrainSettings(BaseModel):
+    """How a pretraining run executes on Ray (not what it trains)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: Annotated[int, Field(ge=1)] = 1
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    max_failures: Annotated[int, Field(ge=-1)] = 1  # worker-group restarts; -1 = unlimited
+    num_to_keep: Annotated[int, Field(ge=1)] | None = 2  # None keeps every checkpoint
+    storage_path: str | None = None  # default: train.out_dir, made absolute
+    run_name: str | None = None  # default: cfg.name (fresh unless resume)
+    resume: bool = False
+    selection_metric: str = "train/loss"
+    selection_mode: Literal["min", "max"] = "min"
+    address: str | None = None  # None: $RAY_ADDRESS or an embedded local cluster
+    tracking: bool = True
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
+    experiment: str | None = None  # MLflow experiment; default: cfg.name
+
+
+@dataclass
+class RayPretrainResult:
+    run_dir: str  # <storage_path>/<run name>
+    checkpoint: str | None  # directory of the last reported checkpoint (holds checkpoint.pt)
+    metrics: dict[str, Any]
+    mlflow_run_id: str | None
+
+
+class PretrainFailedError(RuntimeError):
+    """The run failed; `checkpoint` is the last good checkpoint (or None)."""
+
+    def __init__(self, message: str, checkpoint: str | None, mlflow_run_id: str | None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.mlflow_run_id = mlflow_run_id
+
+
+class NonFiniteRunError(PretrainFailedError, NonFiniteLossError):
+    """The loss became NaN/inf; the message names epoch, step and term."""
+
+
+def storage_root(cfg: ExperimentConfig, settings: RayTrainSettings) -> str:
+    raw = settings.storage_path or cfg.train.out_dir
+    if "://" in raw:
+        return raw
+    return str(Path(raw).expanduser().resolve())
+
+
+def fresh_run_name(storage: str, base: str) -> str:
+    if "://" in storage:
+        return base  # remote storage: the caller names runs (or accepts Ray's resume)
+    root = Path(storage)
+    name, i = base, 0
+    while (root / name).exists():
+        i += 1
+        name = f"{base}-{i}"
+    return name
+
+
+def resolve_run_name(storage: str, base: str, settings: RayTrainSettings) -> str:
+    """`settings.run_name`, or a fresh `base[-i]`; an existing run only with `resume`."""
+    local = "://" not in storage
+    if settings.resume:
+        name = settings.run_name or base
+        if local and not (Path(storage) / name).is_dir():
+            raise FileNotFoundError(f"resume: no Ray Train run at {Path(storage) / name}")
+        return name
+    if settings.run_name is None:
+        return fresh_run_name(storage, base)
+    if local and (Path(storage) / settings.run_name).exists():
+        raise FileExistsError(
+            f"{Path(storage) / settings.run_name} exists; pass resume=True (--resume) to continue it"
+        )
+    return settings.run_name
+
+
+def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Ray workers run in their own directories: make data.path absolute from here."""
+    path = Path(cfg.data.path)
+    if "://" in cfg.data.path or path.is_absolute():
+        return cfg
+    out = cfg.model_copy(deep=True)
+    out.data.path = str(path.resolve())
+    return out
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    settings: RayTrainSettings,
+    *,
+    name: str,
+    storage_path: str,
+    run: Any = None,
+    hooks: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """A `TorchTrainer` running `commlab.train.worker.train_loop_per_worker` on N workers.
+
+    `run` is the `commlab.tracking.RunRef` rank 0 logs into (None: no tracking); `hooks` are
+    test-only fault injections (see commlab.train.worker); `callbacks` are Ray Train
+    `UserCallback`s (a sweep trial passes Tune's `TuneReportCallback`).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from commlab.train.worker import train_loop_per_worker
+
+    resources = {"CPU": settings.cpus_per_worker}
+    if settings.gpus_per_worker > 0:
+        resources["GPU"] = settings.gpus_per_worker
+    loop_config = {
+        "cfg": with_absolute_paths(cfg).model_dump(mode="json"),
+        "run": run,
+        "selection": {"metric": settings.selection_metric, "mode": settings.selection_mode},
+        "hooks": hooks or {},
+    }
+    return TorchTrainer(
+        # Ray's annotation says -> None, but V2 hands rank 0's return value to Result.return_value
+        train_loop_per_worker,  # type: ignore[arg-type]
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=settings.workers,
+            use_gpu=settings.gpus_per_worker > 0,
+            resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=callbacks or None,
+            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=settings.num_to_keep,
+                checkpoint_score_attribute=settings.selection_metric,
+                checkpoint_score_order=settings.selection_mode,
+            ),
+        ),
+    )
+
+
+def ensure_ray(address: str | None) -> bool:
+    """Connect to Ray unless already connected; True if this call started the connection.
+
+    No address (and no $RAY_ADDRESS): an embedded cluster on this machine, without dashboard.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+    return True
+
+
+def pretrain_ray(
+    cfg: ExperimentConfig,
+    settings: RayTrainSettings | None = None,
+    console: Console | None = None,
+    hooks: dict[str, Any] | None = None,
+) -> RayPretrainResult:
+    """Pretrain on Ray Train; raises `NonFiniteRunError` / `PretrainFailedError` on failure
+    (the MLflow run is then FAILED and the last good checkpoint kept)."""
+    import ray.train
+
+    settings = settings or RayTrainSettings()
+    console = console or Console()
+    storage = storage_root(cfg, settings)
+    name = resolve_run_name(storage, cfg.name, settings)
+    run_dir = f"{storage.rstrip('/')}/{name}"
+    started = ensure_ray(settings.address)
+    ref = None
+    try:
+        if settings.tracking:
+            ref = _open_tracking(cfg, settings, run_dir, name)
+            cluster = settings.address or os.environ.get("RAY_ADDRESS")
+            if cluster and ref.tracking_uri.startswith("sqlite:"):
+                console.print(
+                    "[yellow]warning:[/] MLflow tracks into a local sqlite file; workers on "
+                    "other nodes cannot reach it (set MLFLOW_TRACKING_URI=http://...)"
+                )
+        console.print(
+            f"[bold]commlab pretrain[/] {cfg.name}: method={cfg.model.method}, "
+            f"{settings.workers} Ray Train worker(s) -> {run_dir}"
+            + (f"  (MLflow run {ref.run_id})" if ref else "")
+        )
+        trainer = build_trainer(
+            cfg, settings, name=name, storage_path=storage, run=ref, hooks=hooks
+        )
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            _finish(ref, "FAILED", f"{type(err).__name__}: {err}")
+            raise PretrainFailedError(
+                f"training failed: {err}", _last_checkpoint(run_dir), _id(ref)
+            ) from err
+        except KeyboardInterrupt:
+            _finish(ref, "KILLED", "interrupted")
+            raise
+        checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        outcome = result.return_value or {}
+        if outcome.get("status") == "nonfinite":
+            msg = f"{outcome['error']}; last good checkpoint: {checkpoint}"
+            _finish(ref, "FAILED", msg)
+            raise NonFiniteRunError(msg, checkpoint, _id(ref))
+        _finish(ref, "FINISHED")
+        console.print(f"checkpoint: {checkpoint}")
+        return RayPretrainResult(run_dir, checkpoint, dict(result.metrics or {}), _id(ref))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _open_tracking(
+    cfg: ExperimentConfig, settings: RayTrainSettings, run_dir: str, name: str
+) -> Any:
+    from commlab.tracking.runs import absolute_uri, default_tracking_uri, open_run
+
+    uri = absolute_uri(settings.tracking_uri) if settings.tracking_uri else default_tracking_uri()
+    ref, _ = open_run(
+        uri,
+        settings.experiment or cfg.name,
+        run_key=run_dir,
+        run_name=name,
+        params=flatten(cfg),
+        tags={
+            "commlab.kind": "pretrain",
+            "commlab.method": cfg.model.method,
+            "commlab.ray_run_dir": run_dir,
+        },
+    )
+    return ref
+
+
+def _finish(ref: Any, status: str, error: str | None = None) -> None:
+    if ref is not None:
+        from commlab.tracking import finish_run
+
+        finish_run(ref, status, error)
+
+
+def _id(ref: Any) -> str | None:
+    return ref.run_id if ref is not None else None
+
+
+def _last_checkpoint(run_dir: str) -> str | None:
+    try:
+        import ray.train
+
+        ckpt = ray.train.Result.from_path(run_dir).checkpoint
+    except Exception:  # nothing was ever reported, or remote storage we cannot list
+        return None
+    return ckpt.path if ckpt is not None else None

@@ -1,0 +1,291 @@
+"""The Ray Train worker function: a thin shell around `PretrainRun`.
+
+Each of the N workers builds the same `PretrainRun` with its rank (DistributedSampler shard,
+negatives gathered across workers by the objectives), wraps the model in DDP with BatchNorm
+synchronised over the global batch, and after every epoch calls `ray.train.report` with a
+checkpoint (a barrier every rank joins). Rank 0 writes `checkpoint.pt` (self-describing,
+`commlab.train.checkpoint`); every rank adds its own RNG state as `rng-rank<r>.pt` (Ray merges
+the ranks' directories). A restarted attempt resumes from `ray.train.get_checkpoint()`: model,
+optimiser, epoch (which fixes the LR schedule and the sampler's permutation) and RNG.
+
+Rank 0 alone logs to MLflow through `commlab.tracking`, into the run the driver opened: an
+epoch's metrics are logged only after its checkpoint was reported, and a resumed attempt first
+logs the checkpoint's own epoch if MLflow lacks it, so every epoch appears exactly once.
+
+A non-finite loss raises on every rank at the same step (the finite flag is all-reduced); the
+worker catches it and *returns* a failure record instead of raising, because Ray would otherwise
+retry a deterministic failure `max_failures` times. The last good checkpoint stays registered.
+
+Test-only hooks (`train_loop_config["hooks"]`; the CLI never sets them):
+  kill: {"epoch": e, "rank": r, "marker": "/abs/file"} -- once epoch e's checkpoint is committed,
+        rank r SIGKILLs its own process, once per marker file (a lost worker).
+  nan_at_step: k -- the k-th training step of an attempt (from 0) yields a NaN loss and NaN
+        first term.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from commlab import dist
+from commlab.config import ExperimentConfig, to_yaml
+from commlab.data import DataBundle, build_data
+from commlab.objectives import LossOutput
+from commlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from commlab.train.local import checkpoint_payload, format_progress
+from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+# ---------------------------------------------------------------- synchronised BatchNorm
+class GlobalBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch across workers.
+
+    torch's SyncBatchNorm only runs on GPUs; this one runs on any device (gloo included). The
+    per-channel sums of x and x**2 and the sample count are gathered with gradient
+    (`dist.gather_with_grad`) in float64, so forward and backward equal BatchNorm on the
+    concatenated batch. Evaluation mode, or one worker, is plain BatchNorm. Parameter and
+    buffer names are BatchNorm's, so checkpoints load into unconverted models.
+    """
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, ...), got {x.dim()}D")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or dist.get_world_size() == 1:
+            return super().forward(x)
+        self._check_input_dim(x)
+        c = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        xd = x.double()
+        count = torch.full((1,), x.numel() / c, dtype=torch.float64, device=x.device)
+        local = torch.cat([xd.sum(dims), (xd * xd).sum(dims), count]).unsqueeze(0)
+        total = dist.gather_with_grad(local).sum(0)
+        n = total[-1].detach()
+        mean = total[:c] / n
+        var = (total[c : 2 * c] / n - mean * mean).clamp_min(0.0)
+        if self.track_running_stats and self.running_mean is not None:
+            self._update_running(mean.detach(), var.detach(), float(n))
+        shape = [1, c] + [1] * (x.dim() - 2)
+        work = torch.promote_types(x.dtype, torch.float32)
+        inv = torch.rsqrt(var + self.eps).to(work)
+        y = (x.to(work) - mean.to(work).view(shape)) * inv.view(shape)
+        if self.affine:
+            y = y * self.weight.to(work).view(shape) + self.bias.to(work).view(shape)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running(self, mean: Tensor, var: Tensor, n: float) -> None:
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased = var * (n / max(n - 1.0, 1.0))
+        self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+        self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm in `module` synchronised across workers (in place for children):
+    torch's SyncBatchNorm on CUDA, `GlobalBatchNorm` elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _to_global_bn(module)
+
+
+def _to_global_bn(module: nn.Module) -> nn.Module:
+    out = module
+    if isinstance(module, _BatchNorm) and not isinstance(
+        module, GlobalBatchNorm | nn.SyncBatchNorm
+    ):
+        out = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats,
+        )  # fmt: skip
+        if module.affine:
+            out.weight = module.weight
+            out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _to_global_bn(child))
+    return out
+
+
+def wrap_for_ddp(method: nn.Module, ctx: WorkerContext) -> nn.Module:
+    """DDP around `method` (synced BatchNorm first) when there is more than one worker."""
+    if ctx.world_size == 1:
+        return method
+    converted = sync_batchnorm(method, ctx.device)
+    assert converted is method  # conversion replaces children; PretrainRun keeps `method`
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    # Buffers stay identical on every rank (BatchNorm statistics are global): synced once at
+    # init, never per step.
+    return nn.parallel.DistributedDataParallel(
+        method, device_ids=device_ids, forward_sync_buffers=False
+    )
+
+
+class _NanAtStep(nn.Module):
+    """Test hook: the k-th call (training step) returns a NaN loss and NaN first term."""
+
+    def __init__(self, inner: nn.Module, step: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.step = step
+        self.calls = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> LossOutput:
+        out: LossOutput = self.inner(*args, **kwargs)
+        self.calls += 1
+        if self.calls - 1 != self.step:
+            return out
+        nan = torch.tensor(float("nan"))
+        terms = dict(out.terms)
+        if terms:
+            terms[next(iter(terms))] = nan
+        return LossOutput(out.loss * nan, terms, out.acc)
+
+
+# ---------------------------------------------------------------- building blocks
+def worker_device(cfg: ExperimentConfig) -> torch.device:
+    if cfg.train.device != "cpu" and torch.cuda.is_available():
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    if cfg.train.device == "cuda":
+        raise ValueError("train.device=cuda but this worker sees no CUDA device")
+    return torch.device("cpu")
+
+
+def load_data(cfg: ExperimentConfig, rank: int) -> DataBundle:
+    """Rank 0 builds first (generators such as Trifeatures write the data once), then the rest."""
+    d = cfg.data
+    data = build_data(d.name, d.path, cfg.seed, d.params) if rank == 0 else None
+    dist.barrier()
+    return data if data is not None else build_data(d.name, d.path, cfg.seed, d.params)
+
+
+def build_run(
+    cfg: ExperimentConfig, ctx: WorkerContext, hooks: dict[str, Any] | None = None
+) -> PretrainRun:
+    """The worker's PretrainRun: data loaded rank 0 first, model in DDP with synced BatchNorm."""
+    hooks = hooks or {}
+
+    def wrap(method: nn.Module) -> nn.Module:
+        model = wrap_for_ddp(method, ctx)
+        if hooks.get("nan_at_step") is not None:
+            model = _NanAtStep(model, int(hooks["nan_at_step"]))
+        return model
+
+    return PretrainRun(cfg, ctx, data=load_data(cfg, ctx.rank), wrap_model=wrap)
+
+
+def resume(run: PretrainRun, checkpoint_dir: str | Path) -> dict[str, float]:
+    """Load a reported checkpoint into `run` (this rank's RNG when present); its metrics."""
+    root = Path(checkpoint_dir)
+    state = load_checkpoint(root / CHECKPOINT_FILE)
+    run.load_state_dict(state)
+    own = root / f"rng-rank{run.ctx.rank}.pt"
+    if own.is_file() and run.ctx.rank != 0:
+        set_rng_state(torch.load(own, weights_only=True))
+    return dict(state.get("metrics") or {})
+
+
+def report_metrics(metrics: dict[str, float], selection: dict[str, str]) -> dict[str, float]:
+    """What Ray sees: the epoch's metrics; a selection metric missing this epoch (e.g. a probe
+    metric between probes) is NaN, which Ray's checkpoint ranking places last."""
+    out = dict(metrics)
+    out.setdefault(selection["metric"], float("nan"))
+    return out
+
+
+def _kill_if_planned(plan: dict[str, Any] | None, epoch: int, rank: int) -> None:
+    if not plan or plan["epoch"] != epoch or plan["rank"] != rank:
+        return
+    marker = Path(plan["marker"])
+    if marker.exists():
+        return
+    import ray.train
+
+    # Make "resumed from the last checkpoint" deterministic: wait until Ray has committed it.
+    ray.train.get_all_reported_checkpoints(
+        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+    )
+    marker.write_text(f"killed rank {rank} after epoch {epoch}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- the worker function
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point. `config`: cfg (ExperimentConfig as JSON), run (RunRef or None),
+    selection ({"metric", "mode"}), hooks (test-only, see the module docstring).
+
+    Returns (rank 0's value becomes `Result.return_value`) {"status": "finished" |
+    "nonfinite", "epoch": next epoch to run, "error": message or None}.
+    """
+    import ray.train
+
+    cfg = ExperimentConfig.model_validate(config["cfg"])
+    hooks = config.get("hooks") or {}
+    selection = config.get("selection") or {"metric": "train/loss", "mode": "min"}
+    tctx = ray.train.get_context()
+    ctx = WorkerContext(tctx.get_world_rank(), tctx.get_world_size(), worker_device(cfg))
+    run = build_run(cfg, ctx, hooks)
+
+    resumed: dict[str, float] = {}
+    start = ray.train.get_checkpoint()
+    if start is not None:
+        with start.as_directory() as d:
+            resumed = resume(run, d)
+
+    logger = None
+    if ctx.rank == 0 and config.get("run") is not None:
+        from commlab.tracking import RunLogger
+
+        logger = RunLogger(config["run"])
+        attempt = int(logger.client.get_run(logger.ref.run_id).data.tags.get("commlab.attempts", 0))
+        logger.set_tags({"commlab.attempts": attempt + 1, "commlab.workers": ctx.world_size})
+        if start is not None:
+            logger.set_tags({"commlab.resumed_from_epoch": run.epoch})
+            if run.epoch > 0 and resumed:
+                logger.log_epoch(run.epoch - 1, resumed)
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float], r: PretrainRun) -> None:
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+            if ctx.rank == 0:
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, checkpoint_payload(r, metrics))
+            else:
+                torch.save(rng_state(), Path(tmp) / f"rng-rank{ctx.rank}.pt")
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(report_metrics(metrics, selection), checkpoint=ckpt)
+        _kill_if_planned(hooks.get("kill"), epoch, ctx.rank)
+        if ctx.rank == 0:
+            print(format_progress(epoch, cfg.train.epochs, metrics), flush=True)
+            if logger is not None:
+                logger.log_epoch(epoch, metrics)
+
+    try:
+        final = run.fit(on_epoch_end)
+    except NonFiniteLossError as err:
+        return {"status": "nonfinite", "epoch": run.epoch, "error": str(err)}
+    final = final or resumed  # an attempt that resumed after the last epoch trains nothing
+    if logger is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_checkpoint(Path(tmp) / CHECKPOINT_FILE, checkpoint_payload(run, final))
+            logger.log_artifact(path, "checkpoint")
+        logger.log_text(to_yaml(cfg), "config.yaml")
+        logger.log_rus(final, title=f"{cfg.name} ({cfg.model.method})")
+    return {"status": "finished", "epoch": run.epoch, "error": None}
