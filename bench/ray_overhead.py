@@ -9,6 +9,7 @@ global batch 128, no probing. Every case trains the same epochs with a checkpoin
   ray-1w-1t    Ray Train, 1 worker, 1 CPU and 1 torch thread
   ray-2w-1t    Ray Train, 2 workers, 1 CPU and 1 torch thread each (gloo DDP, gathered
                negatives, synced BatchNorm, global batch split 64 + 64)
+  ray-2w-1t-localbn  the same with per-worker BatchNorm statistics (sync_batchnorm=False)
 
 Throughput is samples per second of *wall time per epoch in steady state*: the median interval
 between consecutive epoch checkpoints (`created_at` inside checkpoint.pt), first epoch excluded,
@@ -91,13 +92,20 @@ def run_plain(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     }
 
 
-def run_ray(cfg: ExperimentConfig, workers: int, cpus: float, storage: Path) -> dict[str, Any]:
+def run_ray(
+    cfg: ExperimentConfig, workers: int, cpus: float, storage: Path, sync_bn: bool = True
+) -> dict[str, Any]:
     from commlab.train.trainer import RayTrainSettings, build_trainer
 
     settings = RayTrainSettings(
-        workers=workers, cpus_per_worker=cpus, num_to_keep=None, tracking=False, max_failures=0
+        workers=workers,
+        cpus_per_worker=cpus,
+        num_to_keep=None,
+        tracking=False,
+        max_failures=0,
+        sync_batchnorm=sync_bn,
     )
-    name = f"bench-{workers}w-{int(cpus)}c"
+    name = f"bench-{workers}w-{int(cpus)}c-{'sync' if sync_bn else 'local'}bn"
     trainer = build_trainer(cfg, settings, name=name, storage_path=str(storage))
     start = time.time()
     trainer.fit()
@@ -232,13 +240,14 @@ def main() -> None:
         results["ceiling_2p"] = with_load(run_ceiling, one, 2)
         ray.init(num_cpus=cores, include_dashboard=False)
         try:
-            for label, cfg, workers, cpus in [
-                ("ray-1w", full, 1, float(cores)),
-                ("ray-1w-1t", one, 1, 1.0),
-                ("ray-2w-1t", one, 2, 1.0),
+            for label, cfg, workers, cpus, sync in [
+                ("ray-1w", full, 1, float(cores), True),
+                ("ray-1w-1t", one, 1, 1.0, True),
+                ("ray-2w-1t", one, 2, 1.0, True),
+                ("ray-2w-1t-localbn", one, 2, 1.0, False),
             ]:
                 print(f"{label} ...", flush=True)
-                results["cases"][label] = with_load(run_ray, cfg, workers, cpus, root / "ray")
+                results["cases"][label] = with_load(run_ray, cfg, workers, cpus, root / "ray", sync)
         finally:
             ray.shutdown()
         print("precision ...", flush=True)
@@ -261,17 +270,20 @@ def main() -> None:
     results["scaling_2w_vs_1w_loop"] = (
         c["ray-2w-1t"]["loop_samples_per_s"] / c["ray-1w-1t"]["loop_samples_per_s"]
     )
+    results["scaling_2w_localbn_vs_1w"] = (
+        c["ray-2w-1t-localbn"]["samples_per_s"] / c["ray-1w-1t"]["samples_per_s"]
+    )
     results["scaling_2w_vs_plain"] = c["ray-2w-1t"]["samples_per_s"] / c["plain"]["samples_per_s"]
     by = {(p["precision"], p["threads"]): p["samples_per_s"] for p in results["precision"]}
     results["bf16_speedup"] = {str(t): by[("bf16", t)] / by[("fp32", t)] for t in (cores, 1)}
 
     print(
-        f"\n{'case':<11} {'samples/s':>10} {'loop s/s':>9} {'epoch s':>8} {'startup s':>10}"
+        f"\n{'case':<17} {'samples/s':>10} {'loop s/s':>9} {'epoch s':>8} {'startup s':>10}"
         "  load before/after"
     )
     for label, r in c.items():
         print(
-            f"{label:<11} {r['samples_per_s']:>10.1f} {r['loop_samples_per_s']:>9.1f} "
+            f"{label:<17} {r['samples_per_s']:>10.1f} {r['loop_samples_per_s']:>9.1f} "
             f"{r['epoch_wall_s']:>8.2f} {r['startup_s']:>10.1f}  {r['loadavg_1m']}"
         )
     print(
@@ -282,6 +294,10 @@ def main() -> None:
     print(
         f"2 workers vs 1 (1 thread each): {results['scaling_2w_vs_1w']:.2f}x (target >= 1.6x); "
         f"2 workers vs plain {cores} threads: {results['scaling_2w_vs_plain']:.2f}x"
+    )
+    print(
+        f"  without BatchNorm sync (sync_batchnorm=False): "
+        f"{results['scaling_2w_localbn_vs_1w']:.2f}x"
     )
     print(
         f"  ceiling now: 2 independent processes (no communication) vs 1: "

@@ -59,6 +59,10 @@ def pretrain(
     experiment: Annotated[
         str | None, typer.Option(help="MLflow experiment for --workers >= 1 (default: name)")
     ] = None,
+    sync_bn: Annotated[
+        bool,
+        typer.Option(help="BatchNorm over the global batch (--no-sync-bn: per worker, faster)"),
+    ] = True,
 ) -> None:
     """Pretrain; probes every train.probe_every epochs.
 
@@ -91,6 +95,7 @@ def pretrain(
             resume=resume,
             address=address,
             experiment=experiment,
+            sync_batchnorm=sync_bn,
         )
         try:
             pretrain_ray(cfg, settings, console=console)

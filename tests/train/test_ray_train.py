@@ -347,6 +347,7 @@ def test_trainer_is_built_from_settings(tmp_path):
         "probe/x",
         "max",
     )
+    assert t.train_loop_config["sync_batchnorm"] is True
     sent = t.train_loop_config["cfg"]["data"]["path"]
     assert Path(sent).is_absolute() and sent.endswith("relative/data")  # workers change CWD
     gpu = build_trainer(

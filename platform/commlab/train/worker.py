@@ -2,7 +2,7 @@
 
 Each of the N workers builds the same `PretrainRun` with its rank (DistributedSampler shard,
 negatives gathered across workers by the objectives), wraps the model in DDP with BatchNorm
-synchronised over the global batch, and after every epoch calls `ray.train.report` with a
+synchronised over the global batch (unless `sync_batchnorm=False`), and after every epoch calls `ray.train.report` with a
 checkpoint (a barrier every rank joins). Rank 0 writes `checkpoint.pt` (self-describing,
 `commlab.train.checkpoint`); every rank adds its own RNG state as `rng-rank<r>.pt` (Ray merges
 the ranks' directories). A restarted attempt resumes from `ray.train.get_checkpoint()`: model,
@@ -124,12 +124,14 @@ def _to_global_bn(module: nn.Module) -> nn.Module:
     return out
 
 
-def wrap_for_ddp(method: nn.Module, ctx: WorkerContext) -> nn.Module:
-    """DDP around `method` (synced BatchNorm first) when there is more than one worker."""
+def wrap_for_ddp(method: nn.Module, ctx: WorkerContext, sync_bn: bool = True) -> nn.Module:
+    """DDP around `method` (BatchNorm synced first, unless `sync_bn=False`) when there is more
+    than one worker."""
     if ctx.world_size == 1:
         return method
-    converted = sync_batchnorm(method, ctx.device)
-    assert converted is method  # conversion replaces children; PretrainRun keeps `method`
+    if sync_bn:
+        converted = sync_batchnorm(method, ctx.device)
+        assert converted is method  # conversion replaces children; PretrainRun keeps `method`
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # Buffers stay identical on every rank (BatchNorm statistics are global): synced once at
     # init, never per step.
@@ -179,13 +181,16 @@ def load_data(cfg: ExperimentConfig, rank: int) -> DataBundle:
 
 
 def build_run(
-    cfg: ExperimentConfig, ctx: WorkerContext, hooks: dict[str, Any] | None = None
+    cfg: ExperimentConfig,
+    ctx: WorkerContext,
+    hooks: dict[str, Any] | None = None,
+    sync_bn: bool = True,
 ) -> PretrainRun:
     """The worker's PretrainRun: data loaded rank 0 first, model in DDP with synced BatchNorm."""
     hooks = hooks or {}
 
     def wrap(method: nn.Module) -> nn.Module:
-        model = wrap_for_ddp(method, ctx)
+        model = wrap_for_ddp(method, ctx, sync_bn)
         if hooks.get("nan_at_step") is not None:
             model = _NanAtStep(model, int(hooks["nan_at_step"]))
         return model
@@ -231,7 +236,8 @@ def _kill_if_planned(plan: dict[str, Any] | None, epoch: int, rank: int) -> None
 # ---------------------------------------------------------------- the worker function
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. `config`: cfg (ExperimentConfig as JSON), run (RunRef or None),
-    selection ({"metric", "mode"}), hooks (test-only, see the module docstring).
+    selection ({"metric", "mode"}), sync_batchnorm (bool, default True), hooks (test-only, see
+    the module docstring).
 
     Returns (rank 0's value becomes `Result.return_value`) {"status": "finished" |
     "nonfinite", "epoch": next epoch to run, "error": message or None}.
@@ -243,7 +249,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     selection = config.get("selection") or {"metric": "train/loss", "mode": "min"}
     tctx = ray.train.get_context()
     ctx = WorkerContext(tctx.get_world_rank(), tctx.get_world_size(), worker_device(cfg))
-    run = build_run(cfg, ctx, hooks)
+    run = build_run(cfg, ctx, hooks, sync_bn=bool(config.get("sync_batchnorm", True)))
 
     resumed: dict[str, float] = {}
     start = ray.train.get_checkpoint()
