@@ -1,47 +1,21 @@
 """comm_loss: naive-loop reference, loss falls on a toy problem, shapes x τ x n_mod, errors."""
 
-import math
-
 import pytest
 import torch
 
 from commlab.objectives import LossOutput, comm_loss
-
-
-def _normalise(x: list[float]) -> list[float]:
-    norm = math.sqrt(sum(a * a for a in x))
-    return [a / norm for a in x]
-
-
-def _dot(x: list[float], y: list[float]) -> float:
-    return sum(a * b for a, b in zip(x, y, strict=True))
-
-
-def naive_nt_xent(us: list[list[float]], vs: list[list[float]], t: float) -> tuple[float, float]:
-    """SimCLR NT-Xent: each of the 2N anchors vs its positive and the 2N-2 other embeddings."""
-    n = len(us)
-    zs = us + vs
-    total = 0.0
-    for a in range(2 * n):
-        pos = (a + n) % (2 * n)
-        denom = sum(math.exp(_dot(zs[a], zs[b]) / t) for b in range(2 * n) if b != a)
-        total += -(_dot(zs[a], zs[pos]) / t - math.log(denom))
-    hits = 0
-    for i in range(n):
-        hits += max(range(n), key=lambda j, i=i: _dot(us[i], vs[j])) == i
-        hits += max(range(n), key=lambda j, i=i: _dot(vs[i], us[j])) == i
-    return total / (2 * n), 100.0 * hits / (2 * n)
+from tests.objectives.reference import naive_nt_xent_lists, normalise
 
 
 def naive_comm(views_a, views_b, t, weights=None):
     """CoMM §1.3: l_i = ½[NCE(a_i, b_full) + NCE(b_i, a_full)] for every i, mean (weighted)."""
-    a = [[_normalise(row) for row in z.tolist()] for z in views_a]
-    b = [[_normalise(row) for row in z.tolist()] for z in views_b]
+    a = [[normalise(row) for row in z.tolist()] for z in views_a]
+    b = [[normalise(row) for row in z.tolist()] for z in views_b]
     k = len(a)
     losses, accs = [], []
     for i in range(k):
-        l_ab, acc_ab = naive_nt_xent(a[i], b[k - 1], t)
-        l_ba, acc_ba = naive_nt_xent(b[i], a[k - 1], t)
+        l_ab, acc_ab = naive_nt_xent_lists(a[i], b[k - 1], t)
+        l_ba, acc_ba = naive_nt_xent_lists(b[i], a[k - 1], t)
         losses.append(0.5 * (l_ab + l_ba))
         accs.append(0.5 * (acc_ab + acc_ba))
     w = weights if weights is not None else [1.0] * k

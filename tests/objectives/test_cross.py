@@ -9,27 +9,19 @@ import pytest
 import torch
 
 from commlab.objectives import LogitScale, clip_loss
-
-
-def _normalise(x: list[float]) -> list[float]:
-    norm = math.sqrt(sum(a * a for a in x))
-    return [a / norm for a in x]
-
-
-def _dot(x: list[float], y: list[float]) -> float:
-    return sum(a * b for a, b in zip(x, y, strict=True))
+from tests.objectives.reference import dot, normalise
 
 
 def naive_clip(z1: torch.Tensor, z2: torch.Tensor, log_scale: float) -> tuple[float, float]:
     """Symmetric cross entropy, one query at a time, scale exp(log_scale) capped at 100."""
-    q1 = [_normalise(r) for r in z1.tolist()]
-    q2 = [_normalise(r) for r in z2.tolist()]
+    q1 = [normalise(r) for r in z1.tolist()]
+    q2 = [normalise(r) for r in z2.tolist()]
     s = min(math.exp(log_scale), 100.0)
     n = len(q1)
     total, hits = 0.0, 0
     for queries, keys in ((q1, q2), (q2, q1)):
         for i in range(n):
-            logits = [s * _dot(queries[i], keys[j]) for j in range(n)]
+            logits = [s * dot(queries[i], keys[j]) for j in range(n)]
             total += -(logits[i] - math.log(sum(math.exp(x) for x in logits)))
             hits += max(range(n), key=lambda j, logits=logits: logits[j]) == i
     return total / (2 * n), 100.0 * hits / (2 * n)

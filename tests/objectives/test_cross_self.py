@@ -3,39 +3,11 @@
 Cross+Self is defined for two modalities, so there is no n_modalities axis here.
 """
 
-import math
-
 import pytest
 import torch
 
 from commlab.objectives import cross_self_loss
-
-
-def _normalise(x: list[float]) -> list[float]:
-    norm = math.sqrt(sum(a * a for a in x))
-    return [a / norm for a in x]
-
-
-def _dot(x: list[float], y: list[float]) -> float:
-    return sum(a * b for a, b in zip(x, y, strict=True))
-
-
-def naive_nt_xent(u: torch.Tensor, v: torch.Tensor, t: float) -> tuple[float, float]:
-    """SimCLR NT-Xent: each of the 2N anchors vs its positive and the 2N-2 other embeddings."""
-    us = [_normalise(r) for r in u.tolist()]
-    vs = [_normalise(r) for r in v.tolist()]
-    n = len(us)
-    zs = us + vs
-    total = 0.0
-    for a in range(2 * n):
-        pos = (a + n) % (2 * n)
-        denom = sum(math.exp(_dot(zs[a], zs[b]) / t) for b in range(2 * n) if b != a)
-        total += -(_dot(zs[a], zs[pos]) / t - math.log(denom))
-    hits = 0
-    for i in range(n):
-        hits += max(range(n), key=lambda j, i=i: _dot(us[i], vs[j])) == i
-        hits += max(range(n), key=lambda j, i=i: _dot(vs[i], us[j])) == i
-    return total / (2 * n), 100.0 * hits / (2 * n)
+from tests.objectives.reference import naive_nt_xent
 
 
 def _four(b: int, d: int, seed: int) -> list[torch.Tensor]:
