@@ -17,23 +17,13 @@ from kornia.filters import gaussian_blur2d
 from kornia.geometry.transform import crop_and_resize
 from torch import Tensor
 
+from commlab.augment.sequence import chosen, uniform
 from commlab.config import ImageAugmentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_RATIO = (3 / 4, 4 / 3)
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop attempts before its centre-crop fallback
-
-
-def _uniform(
-    generator: torch.Generator, shape: tuple[int, ...], lo: float, hi: float, device: torch.device
-) -> Tensor:
-    return (lo + (hi - lo) * torch.rand(shape, generator=generator)).to(device)
-
-
-def _chosen(generator: torch.Generator, batch: int, p: float, device: torch.device) -> Tensor:
-    """(B,) bool: which samples an op with probability `p` applies to."""
-    return _uniform(generator, (batch,), 0.0, 1.0, device) < p
 
 
 def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -104,7 +94,7 @@ def random_resized_crop(
     if p == 0:
         return x
     b, _, height, width = x.shape
-    apply = _chosen(generator, b, p, x.device)
+    apply = chosen(generator, b, p, x.device)
     boxes = crop_boxes(generator, b, height, width, scale).to(x.device)
     cropped = crop_and_resize(x, boxes, (height, width), align_corners=True)
     return _where(apply, cropped, x)
@@ -135,10 +125,10 @@ def color_jitter(
     if p == 0 or (brightness == contrast == 0 and (not rgb or saturation == hue == 0)):
         return x
     b = x.shape[0]
-    apply = _chosen(generator, b, p, x.device)
+    apply = chosen(generator, b, p, x.device)
 
     def factor(strength: float) -> Tensor:
-        return _uniform(generator, (b,), max(0.0, 1 - strength), 1 + strength, x.device)
+        return uniform(generator, (b,), x.device, max(0.0, 1 - strength), 1 + strength)
 
     out = x
     if brightness > 0:
@@ -150,14 +140,14 @@ def color_jitter(
         out = _blend(out, _gray(out).expand_as(out), factor(saturation))
     if rgb and hue > 0:
         # torchvision's hue factor is a fraction of the colour circle; kornia's is in radians
-        out = adjust_hue(out, _uniform(generator, (b,), -hue, hue, x.device) * (2 * math.pi))
+        out = adjust_hue(out, uniform(generator, (b,), x.device, -hue, hue) * (2 * math.pi))
     return _where(apply, out, x)
 
 
 def random_grayscale(x: Tensor, generator: torch.Generator, p: float) -> Tensor:
     if p == 0 or x.shape[1] == 1:
         return x
-    apply = _chosen(generator, x.shape[0], p, x.device)
+    apply = chosen(generator, x.shape[0], p, x.device)
     return _where(apply, rgb_to_grayscale(x).expand_as(x), x)
 
 
@@ -173,8 +163,8 @@ def random_blur(
     if p == 0:
         return x
     b, _, height, width = x.shape
-    apply = _chosen(generator, b, p, x.device)
-    s = _uniform(generator, (b,), sigma[0], sigma[1], x.device)
+    apply = chosen(generator, b, p, x.device)
+    s = uniform(generator, (b,), x.device, sigma[0], sigma[1])
     k = blur_kernel_size(height, width)
     blurred = gaussian_blur2d(x, (k, k), torch.stack([s, s], dim=-1))
     return _where(apply, blurred, x)
@@ -183,7 +173,7 @@ def random_blur(
 def random_hflip(x: Tensor, generator: torch.Generator, p: float) -> Tensor:
     if p == 0:
         return x
-    apply = _chosen(generator, x.shape[0], p, x.device)
+    apply = chosen(generator, x.shape[0], p, x.device)
     return _where(apply, x.flip(-1), x)
 
 
