@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m ruff check platform tests bench
-exec .venv/bin/python -m pytest "$@"
+# the venv first on PATH: subprocesses (Ray nodes, jobs) run its `python`
+export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
+exec python -m pytest "$@"

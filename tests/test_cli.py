@@ -22,23 +22,50 @@ def test_help_lists_commands():
 
 
 def test_config_show_flat_applies_overrides():
-    res = runner.invoke(app, ["config", "show", str(ROOT / "configs/trifeatures/comm.yaml"), "loss.temperature=0.25", "--flat"])
+    res = runner.invoke(
+        app,
+        [
+            "config",
+            "show",
+            str(ROOT / "configs/trifeatures/comm.yaml"),
+            "loss.temperature=0.25",
+            "--flat",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "loss.temperature=0.25" in res.output
     assert "model.modalities.0.encoder.name=conv" in res.output
 
 
 def test_config_errors_exit_2_and_name_the_key():
-    res = runner.invoke(app, ["config", "show", str(ROOT / "configs/trifeatures/comm.yaml"), "loss.temprature=0.25"])
+    res = runner.invoke(
+        app, ["config", "show", str(ROOT / "configs/trifeatures/comm.yaml"), "loss.temprature=0.25"]
+    )
     assert res.exit_code == 2
     assert "loss.temprature" in res.output and "temperature" in res.output
-    res = runner.invoke(app, ["pretrain", str(ROOT / "configs/trifeatures/comm.yaml"), "model.embed_dim=30"])
+    res = runner.invoke(
+        app, ["pretrain", str(ROOT / "configs/trifeatures/comm.yaml"), "model.embed_dim=30"]
+    )
     assert res.exit_code == 2 and "embed_dim=30" in res.output
 
 
 def test_data_trifeatures_and_validate(tmp_path):
-    res = runner.invoke(app, ["data", "trifeatures", "--out", str(tmp_path), "--size", "32", "--pairs", "200",
-                              "--test-pairs", "100", "--biased"])
+    res = runner.invoke(
+        app,
+        [
+            "data",
+            "trifeatures",
+            "--out",
+            str(tmp_path),
+            "--size",
+            "32",
+            "--pairs",
+            "200",
+            "--test-pairs",
+            "100",
+            "--biased",
+        ],
+    )
     assert res.exit_code == 0, res.output
     dirs = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert len(dirs) == 1 and (dirs[0] / "biased").is_dir()
@@ -53,16 +80,28 @@ def test_data_trifeatures_and_validate(tmp_path):
 @pytest.mark.slow
 def test_pretrain_on_trifeatures_writes_checkpoint_and_rus_report(tmp_path):
     cmd = [
-        sys.executable, "-m", "commlab.cli", "pretrain", str(ROOT / "configs/trifeatures/smoke.yaml"),
-        f"data.path={tmp_path / 'data'}", "data.params.pairs=256", "data.params.test_pairs=128",
-        "data.batch_size=64", "train.epochs=1", "data.probe_max_train=200", "--out", str(tmp_path / "run"),
+        sys.executable,
+        "-m",
+        "commlab.cli",
+        "pretrain",
+        str(ROOT / "configs/trifeatures/smoke.yaml"),
+        f"data.path={tmp_path / 'data'}",
+        "data.params.pairs=256",
+        "data.params.test_pairs=128",
+        "data.batch_size=64",
+        "train.epochs=1",
+        "data.probe_max_train=200",
+        "--out",
+        str(tmp_path / "run"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch   1/1" in proc.stdout and "R/U/S" in proc.stdout
     run = tmp_path / "run"
     rus = json.loads((run / "rus.json").read_text())["rus"]
-    assert set(rus) == {"redundancy", "uniqueness", "synergy"} and all(0 <= v <= 1 for v in rus.values())
+    assert set(rus) == {"redundancy", "uniqueness", "synergy"} and all(
+        0 <= v <= 1 for v in rus.values()
+    )
     assert (run / "rus.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import torch
 

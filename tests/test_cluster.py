@@ -325,3 +325,15 @@ def test_jobs_commands_report_unreachable_cluster():
         result = CliRunner().invoke(app, ["jobs", *argv, "--address", url])
         assert result.exit_code == 2, argv
         assert "cannot reach" in flat(result.output)
+
+
+def test_failure_hint_names_the_missing_module():
+    logs = (
+        "Traceback (most recent call last):\n"
+        '  File "jobs/sweep.py", line 15, in <module>\n'
+        "ModuleNotFoundError: No module named 'typer.core'\n"
+    )
+    hint = jobs.failure_hint(logs)
+    assert hint is not None
+    assert "'typer'" in hint and "--pip typer" in hint and "ray start" in hint
+    assert jobs.failure_hint("ValueError: bad learning rate\n") is None

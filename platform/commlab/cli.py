@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -117,7 +118,8 @@ def sweep(
         bool, typer.Option(help="finish an interrupted sweep; finished trials are not re-run")
     ] = False,
     storage: Annotated[
-        str | None, typer.Option(help="Tune/Train storage: a path or pyarrow URI (default ./sweeps)")
+        str | None,
+        typer.Option(help="Tune/Train storage: a path or pyarrow URI (default ./sweeps)"),
     ] = None,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else embedded)")
@@ -137,7 +139,9 @@ def sweep(
                 f"{', '.join(plan.spec.params) or 'no parameters'}; metric {plan.spec.metric} ({plan.spec.mode})"
             )
             return
-        run_sweep(space, name=name, resume=resume, storage=storage, address=address, console=console)
+        run_sweep(
+            space, name=name, resume=resume, storage=storage, address=address, console=console
+        )
     except (SearchSpaceError, ValueError, FileNotFoundError) as err:
         raise _fail(str(err)) from None
     except SweepFailedError as err:
@@ -462,7 +466,7 @@ def submit(
     from rich.markup import escape
 
     from commlab.cluster import ClusterError
-    from commlab.jobs import SubmitError, exit_code, follow_job
+    from commlab.jobs import SubmitError, exit_code
     from commlab.jobs import submit as submit_job
 
     try:
@@ -484,15 +488,38 @@ def submit(
     if not follow:
         console.print(f"follow it: commlab jobs logs {sub.job_id} --follow --address {sub.address}")
         return
+    interrupted = f"stopped following; the job runs on (commlab jobs stop {sub.job_id})"
+    status = _follow(sub.job_id, address, auth_token_file, on_interrupt=interrupted)
+    raise typer.Exit(code=exit_code(status))
+
+
+def _follow(job_id: str, address: str | None, token_file: Path | None, on_interrupt: str) -> str:
+    """Stream a job's logs to stdout until it ends; print its status and, if it failed, a hint."""
+    from rich.markup import escape
+
+    from commlab.cluster import ClusterError
+    from commlab.jobs import failure_hint, follow_job
+
+    tail: list[str] = []
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        tail.append(text)
+
     try:
-        status = follow_job(sub.job_id, address, token_file=auth_token_file)
+        status = follow_job(job_id, address, token_file=token_file, write=write)
     except ClusterError as err:
         raise _fail(escape(str(err))) from None
     except KeyboardInterrupt:
-        err_console.print(f"stopped following; the job runs on (commlab jobs stop {sub.job_id})")
+        if on_interrupt:
+            err_console.print(on_interrupt)
         raise typer.Exit(code=130) from None
-    console.print(f"job {sub.job_id}: {status}", highlight=False)
-    raise typer.Exit(code=exit_code(status))
+    console.print(f"job {job_id}: {status}", highlight=False)
+    hint = failure_hint("".join(tail)[-20_000:]) if status == "FAILED" else None
+    if hint:
+        err_console.print(f"[yellow]hint:[/] {escape(hint)}")
+    return status
 
 
 @jobs_app.command("list")
@@ -557,18 +584,15 @@ def jobs_logs(
     from rich.markup import escape
 
     from commlab.cluster import ClusterError
-    from commlab.jobs import exit_code, follow_job, job_logs
+    from commlab.jobs import exit_code, job_logs
 
-    try:
-        if not follow:
+    if not follow:
+        try:
             typer.echo(job_logs(job_id, address, token_file=auth_token_file), nl=False)
-            return
-        status = follow_job(job_id, address, token_file=auth_token_file)
-    except ClusterError as err:
-        raise _fail(escape(str(err))) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(code=130) from None
-    console.print(f"job {job_id}: {status}", highlight=False)
+        except ClusterError as err:
+            raise _fail(escape(str(err))) from None
+        return
+    status = _follow(job_id, address, auth_token_file, on_interrupt="")
     raise typer.Exit(code=exit_code(status))
 
 

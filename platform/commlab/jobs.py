@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -385,6 +386,23 @@ def follow(client: Any, job_id: str, write: Callable[[str], Any] | None = None) 
         write(client.get_job_logs(job_id))
         return status
     return wait(client, job_id, poll_s=0.5)
+
+
+_MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([\w.]+)'")
+
+
+def failure_hint(logs: str) -> str | None:
+    """What to do about a failed job, when its logs show a cause commlab knows; else None."""
+    missing = _MISSING_MODULE.findall(logs)
+    if missing:
+        module = missing[-1].split(".")[0]
+        return (
+            f"the job's Python on the cluster has no module {module!r}: the entry point runs "
+            "`python` from the nodes' PATH, so start the nodes (`ray start`) from the environment "
+            "commlab is installed in (docker/README.md), or add it with "
+            f"`commlab submit --pip {module} ...`"
+        )
+    return None
 
 
 def _stdout(text: str) -> None:

@@ -108,6 +108,9 @@ def cluster_env(auth: Auth) -> dict[str, str]:
     }
     env.update(auth_env(auth))
     env.update({"RAY_DISABLE_USAGE_STATS": "1", "RAY_DEDUP_LOGS": "0"})
+    # A job's entrypoint runs `python` from the node's PATH: on a real node that is the
+    # environment commlab is installed in, here the interpreter running the tests.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 

@@ -105,8 +105,13 @@ def test_smoke_sweep_end_to_end(tmp_path, env):
     names = {a.path for a in client.list_artifacts(result.parent_run_id)}
     assert {"search_space.yaml", "base_config.yaml", "plots"} <= names
     plots = {Path(a.path).name for a in client.list_artifacts(result.parent_run_id, "plots")}
-    assert {"optimisation_history.png", "learning_curves.png", "parallel_coordinates.png",
-            "param_importances.png", "trials.json"} <= plots
+    assert {
+        "optimisation_history.png",
+        "learning_curves.png",
+        "parallel_coordinates.png",
+        "param_importances.png",
+        "trials.json",
+    } <= plots
 
 
 @pytest.mark.timeout(1200)
@@ -116,8 +121,15 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, env):
     path = write_space(tmp_path, num_samples=4, max_concurrent_trials=1, scheduler={"name": "none"})
     cmd = [sys.executable, "-m", "commlab.cli", "sweep", str(path), "--storage", env["storage"]]
     proc_env = {**os.environ, "MLFLOW_TRACKING_URI": env["uri"], "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=proc_env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=proc_env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     client = MlflowClient(env["uri"])
     deadline = time.time() + 600
     finished_before: dict[str, int] = {}
@@ -128,7 +140,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, env):
             exp = client.get_experiment_by_name("trifeatures-smoke")
             if exp is None:
                 continue
-            runs = client.search_runs([exp.experiment_id], filter_string="tags.`commlab.kind` = 'trial'")
+            runs = client.search_runs(
+                [exp.experiment_id], filter_string="tags.`commlab.kind` = 'trial'"
+            )
             done = [r for r in runs if r.info.status == "FINISHED"]
             if done:
                 finished_before = {r.data.tags["ray.trial_id"]: r.info.start_time for r in done}
@@ -138,8 +152,14 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, env):
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
         proc.wait(30)
 
-    res = subprocess.run([*cmd, "--resume", "--name", "tiny"], cwd=tmp_path, env=proc_env,
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run(
+        [*cmd, "--resume", "--name", "tiny"],
+        cwd=tmp_path,
+        env=proc_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     exp = client.get_experiment_by_name("trifeatures-smoke")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`commlab.kind` = 'sweep'")
@@ -148,7 +168,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, env):
     by_trial: dict[str, list] = {}
     for k in kids:
         by_trial.setdefault(k.data.tags["ray.trial_id"], []).append(k)
-    assert len(by_trial) == 4 and all(len(v) == 1 for v in by_trial.values()), "duplicate child runs"
+    assert len(by_trial) == 4 and all(len(v) == 1 for v in by_trial.values()), (
+        "duplicate child runs"
+    )
     assert all(k.info.status in {"FINISHED", "KILLED", "FAILED"} for k in kids)
     for trial_id, start in finished_before.items():
         run = by_trial[trial_id][0]
