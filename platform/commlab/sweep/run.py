@@ -103,20 +103,16 @@ def _local_resources() -> dict[str, float]:
 
 
 def _connect(space: LoadedSpace, address: str | None) -> bool:
-    import ray
+    from commlab.cluster import connect, resolve_address
 
-    if ray.is_initialized():
-        return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
-    else:
+    if resolve_address(address) is None:
         # Embedded: one extra logical CPU per concurrent trial driver (they mostly wait), so the
         # trial drivers never hold the cores their own Train workers need.
         cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(space)))
         # A loaded machine can take more than Ray's default 60 s to start a worker group.
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-        ray.init(num_cpus=cpus + space.spec.max_concurrent_trials, include_dashboard=False)
-    return True
+        return connect(None, num_cpus=cpus + space.spec.max_concurrent_trials)
+    return connect(address)
 
 
 def fresh_name(storage: str, base: str) -> str:

@@ -172,17 +172,12 @@ def build_trainer(
 def ensure_ray(address: str | None) -> bool:
     """Connect to Ray unless already connected; True if this call started the connection.
 
-    No address (and no $RAY_ADDRESS): an embedded cluster on this machine, without dashboard.
+    No address (and no $RAY_ADDRESS): an embedded cluster on this machine, without dashboard;
+    otherwise that cluster with the resolved authentication (`commlab.cluster.connect`).
     """
-    import ray
+    from commlab.cluster import connect
 
-    if ray.is_initialized():
-        return False
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False)
-    return True
+    return connect(address)
 
 
 def pretrain_ray(
