@@ -23,6 +23,7 @@ from torch import nn
 
 from commlab.config import ExperimentConfig, flatten
 from commlab.data.base import Batch
+from commlab.models.norm import batch_norm_groups
 from commlab.train.checkpoint import FORMAT, load_checkpoint
 from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext
 from commlab.train.trainer import (
@@ -367,6 +368,14 @@ def _bn_inputs(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def _grouped_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    scale = torch.tensor([1.0, 4.0, 0.5]).view(3, 1, 1)  # groups with different statistics
+    return torch.randn(3, WORLD * B, C, generator=g) * scale + scale, torch.randn(
+        3, WORLD * B, C, generator=g
+    )
+
+
 def _bn_worker(rank: int, port: int, out_dir: str) -> None:
     try:
         torch.set_num_threads(1)
@@ -387,6 +396,16 @@ def _bn_worker(rank: int, port: int, out_dir: str) -> None:
                 "running": (bn.running_mean.clone(), bn.running_var.clone()),
                 "type": type(bn).__name__,
             }  # fmt: skip
+        # grouped: G batches in one pass, each normalised with its own global statistics
+        x, w = _grouped_inputs()
+        bn = sync_batchnorm(nn.Sequential(nn.BatchNorm1d(C)), torch.device("cpu"))[0]
+        xr = x[:, rank * B : (rank + 1) * B].clone().requires_grad_()
+        y = batch_norm_groups(bn, xr)
+        (y * w[:, rank * B : (rank + 1) * B]).sum().backward()
+        res["grouped"] = {
+            "y": y.detach(), "grad": xr.grad, "wgrad": bn.weight.grad,
+            "running": (bn.running_mean.clone(), bn.running_var.clone()),
+        }  # fmt: skip
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
     except Exception:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
@@ -424,6 +443,22 @@ def test_global_batchnorm_equals_batchnorm_on_the_concatenated_batch(tmp_path):
         for g in got:
             torch.testing.assert_close(g["running"][0], bn.running_mean, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(g["running"][1], bn.running_var, rtol=1e-5, atol=1e-6)
+
+    # grouped (one collective per call): equals plain BatchNorm on each group's global batch
+    x, w = _grouped_inputs()
+    x = x.clone().requires_grad_()
+    bn = nn.BatchNorm1d(C)
+    ref = torch.stack([bn(x[k]) for k in range(3)])
+    (ref * w).sum().backward()
+    got = [r["grouped"] for r in ranks]
+    torch.testing.assert_close(
+        torch.cat([g["y"] for g in got], 1), ref.detach(), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(torch.cat([g["grad"] for g in got], 1), x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sum(g["wgrad"] for g in got), bn.weight.grad, rtol=1e-4, atol=1e-5)
+    for g in got:
+        torch.testing.assert_close(g["running"][0], bn.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g["running"][1], bn.running_var, rtol=1e-5, atol=1e-6)
 
 
 def test_global_batchnorm_is_plain_batchnorm_without_workers():

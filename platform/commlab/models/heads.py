@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from commlab.models.norm import batch_norm_groups
 
 
 class ProjectionHead(nn.Module):
@@ -26,3 +29,10 @@ class ProjectionHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def forward_groups(self, x: Tensor) -> Tensor:
+        """(G, B, in_dim) -> (G, B, out_dim): the head on each of G batches, BatchNorm
+        statistics per batch, in one pass (one statistics collective per layer, not G)."""
+        for layer in self.net:
+            x = batch_norm_groups(layer, x) if isinstance(layer, _BatchNorm) else layer(x)
+        return x

@@ -158,11 +158,10 @@ class CoMM(Method):
     def embed_views(self, view_a: Batch, view_b: Batch) -> tuple[list[Tensor], list[Tensor]]:
         tokens, pads = self.stack(_cat_views(view_a, view_b))
         fused = self.fusion.fuse_batched(tokens, pads, self.masks)  # K x (2B, E)
-        b = view_a.size
-        # The head runs per embedding so BatchNorm statistics are per mask and view, as in the paper.
-        za = [self.head(f[:b]) for f in fused]
-        zb = [self.head(f[b:]) for f in fused]
-        return za, zb
+        b, k = view_a.size, len(fused)
+        # BatchNorm statistics per mask and view, as in the paper, in one head pass.
+        z = self.head.forward_groups(torch.stack([f[:b] for f in fused] + [f[b:] for f in fused]))
+        return list(z[:k]), list(z[k:])
 
     def loss(self, view_a: Batch, view_b: Batch, gather: bool = False) -> LossOutput:
         za, zb = self.embed_views(view_a, view_b)

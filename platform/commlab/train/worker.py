@@ -38,6 +38,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from commlab import dist
 from commlab.config import ExperimentConfig, to_yaml
 from commlab.data import DataBundle, build_data
+from commlab.models.norm import update_running_stats
 from commlab.objectives import LossOutput
 from commlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from commlab.train.local import checkpoint_payload, format_progress
@@ -85,7 +86,7 @@ class GlobalBatchNorm(_BatchNorm):
         xd = x.double()
         count = torch.full((1,), x.numel() / c, dtype=torch.float64, device=x.device)
         local = torch.cat([xd.sum(dims), (xd * xd).sum(dims), count])
-        total = _SumOverWorkers.apply(local)
+        total = self.sum_over_workers(local)
         n = total[-1].detach()
         mean = total[:c] / n
         var = (total[c : 2 * c] / n - mean * mean).clamp_min(0.0)
@@ -99,15 +100,13 @@ class GlobalBatchNorm(_BatchNorm):
             y = y * self.weight.to(work).view(shape) + self.bias.to(work).view(shape)
         return y.to(x.dtype)
 
-    @torch.no_grad()
     def _update_running(self, mean: Tensor, var: Tensor, n: float) -> None:
-        assert self.running_mean is not None and self.running_var is not None
-        assert self.num_batches_tracked is not None
-        self.num_batches_tracked.add_(1)
-        m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        unbiased = var * (n / max(n - 1.0, 1.0))
-        self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-        self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        update_running_stats(self, mean, var, n)
+
+    def sum_over_workers(self, local: Tensor) -> Tensor:
+        """`local` (float64 statistics) summed over workers, with gradient: the hook through
+        which `commlab.models.norm.batch_norm_groups` makes one collective for many batches."""
+        return _SumOverWorkers.apply(local) if dist.get_world_size() > 1 else local
 
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
