@@ -58,8 +58,11 @@ def pretrain(
         int, typer.Option(min=-1, help="Ray worker-group restarts from the last checkpoint")
     ] = 1,
     experiment: Annotated[
-        str | None, typer.Option(help="MLflow experiment for --workers >= 1 (default: name)")
+        str | None, typer.Option(help="MLflow experiment (default: the config's name)")
     ] = None,
+    tracking: Annotated[
+        bool, typer.Option(help="log an MLflow run (--no-tracking: files in --out only)")
+    ] = True,
     sync_bn: Annotated[
         bool,
         typer.Option(help="BatchNorm over the global batch (--no-sync-bn: per worker, faster)"),
@@ -71,18 +74,22 @@ def pretrain(
 
     --workers N: Ray Train, N data-parallel workers; restarts after worker failures.
 
-    Ray runs log one MLflow run to $MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db).
+    Every run logs one MLflow run (params, per-epoch metrics, checkpoint, R/U/S report) to
+    $MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db); --resume continues it.
     """
     from commlab.config import ConfigError, load_config
     from commlab.train.local import pretrain_local
     from commlab.train.loop import NonFiniteLossError
 
-    if workers == 0 and (address or gpus_per_worker or experiment):
-        raise _fail("--address, --gpus-per-worker and --experiment need --workers >= 1")
+    if workers == 0 and (address or gpus_per_worker):
+        raise _fail("--address and --gpus-per-worker need --workers >= 1")
     try:
         cfg = load_config(config, overrides or [])
         if workers == 0:
-            pretrain_local(cfg, run_dir=out, resume=resume, console=console)
+            pretrain_local(
+                cfg, run_dir=out, resume=resume, console=console, tracking=tracking,
+                experiment=experiment,
+            )  # fmt: skip
             return
         from commlab.train.trainer import PretrainFailedError, RayTrainSettings, pretrain_ray
 
@@ -96,6 +103,7 @@ def pretrain(
             resume=resume,
             address=address,
             experiment=experiment,
+            tracking=tracking,
             sync_batchnorm=sync_bn,
         )
         try:

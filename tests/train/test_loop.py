@@ -95,6 +95,8 @@ def test_pretrain_local_writes_self_describing_checkpoint(tmp_path, monkeypatch)
     from commlab.train import local
 
     monkeypatch.setattr(local, "PretrainRun", lambda cfg: PretrainRun(cfg, data=_bundle()))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = toy_config("comm", ("train.epochs=2", "train.probe_every=1"))
     res = pretrain_local(cfg, run_dir=tmp_path / "run")
     ckpt = load_checkpoint(res.checkpoint)  # weights_only=True inside
@@ -114,6 +116,25 @@ def test_pretrain_local_writes_self_describing_checkpoint(tmp_path, monkeypatch)
     res3 = pretrain_local(cfg3, run_dir=tmp_path / "run", resume=True)
     assert load_checkpoint(res3.checkpoint)["epoch"] == 3
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+    # each run directory is one MLflow run; --resume continued the first one
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    assert res.mlflow_run_id == res3.mlflow_run_id != res2.mlflow_run_id
+    first = client.get_run(res.mlflow_run_id)
+    assert first.info.status == "FINISHED" and first.info.run_name == "run"
+    assert first.data.params["model.method"] == "comm"
+    assert first.data.tags["commlab.kind"] == "pretrain"
+    steps = [m.step for m in client.get_metric_history(res.mlflow_run_id, "train/loss")]
+    assert steps == [0, 1, 2]
+    assert "probe/cls/balanced_acc" in first.data.metrics
+    arts = {a.path for a in client.list_artifacts(res.mlflow_run_id, "checkpoint")}
+    assert arts == {"checkpoint/checkpoint.pt"}
+    assert client.get_run(res2.mlflow_run_id).info.run_name == "run-1"
+    # --no-tracking: files only
+    res4 = pretrain_local(cfg, run_dir=tmp_path / "quiet", tracking=False)
+    assert res4.mlflow_run_id is None and len(client.search_runs([first.info.experiment_id])) == 2
 
 
 def test_progress_line():

@@ -2,7 +2,9 @@
 
 Writes into the run directory: checkpoint.pt (self-describing, every epoch, atomically),
 config.yaml (resolved), metrics.jsonl (one line per epoch) and, for datasets with R/U/S tasks,
-rus.{json,md,png}.
+rus.{json,md,png}. With tracking on (the default) the run is also an MLflow run at
+$MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db): params, per-epoch metrics, the final
+checkpoint, config and R/U/S report, as a Ray Train run logs them; --resume continues that run.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from typing import Any
 
 from rich.console import Console
 
-from commlab.config import ExperimentConfig, to_yaml
+from commlab.config import ExperimentConfig, flatten, to_yaml
 from commlab.report import rus_from_metrics, write_rus_report
 from commlab.train.checkpoint import load_checkpoint, save_checkpoint
-from commlab.train.loop import PretrainRun
+from commlab.train.loop import NonFiniteLossError, PretrainRun
 
 
 @dataclass
@@ -27,6 +29,7 @@ class PretrainResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     rus: dict[str, float] | None = None
+    mlflow_run_id: str | None = None
 
 
 def checkpoint_payload(run: PretrainRun, metrics: dict[str, float]) -> dict[str, Any]:
@@ -74,8 +77,13 @@ def pretrain_local(
     run_dir: str | Path | None = None,
     resume: bool = False,
     console: Console | None = None,
+    *,
+    tracking: bool = True,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
 ) -> PretrainResult:
-    """Pretrain in this process. `resume=True` continues from `run_dir/checkpoint.pt`."""
+    """Pretrain in this process. `resume=True` continues from `run_dir/checkpoint.pt` (and its
+    MLflow run). `experiment` defaults to the config's name."""
     console = console or Console()
     base = Path(run_dir) if run_dir else Path(cfg.train.out_dir) / cfg.name
     if resume:
@@ -87,7 +95,29 @@ def pretrain_local(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
 
-    console.print(f"[bold]commlab pretrain[/] {cfg.name}: method={cfg.model.method} -> {out}")
+    logger = _open_tracking(cfg, out, tracking_uri, experiment) if tracking else None
+    console.print(
+        f"[bold]commlab pretrain[/] {cfg.name}: method={cfg.model.method} -> {out}"
+        + (f"  (MLflow run {logger.ref.run_id})" if logger else "")
+    )
+    try:
+        result = _fit(cfg, out, resume, console, logger)
+    except NonFiniteLossError as err:
+        _finish(logger, "FAILED", str(err))
+        raise
+    except KeyboardInterrupt:
+        _finish(logger, "KILLED", "interrupted")
+        raise
+    except Exception as err:
+        _finish(logger, "FAILED", f"{type(err).__name__}: {err}")
+        raise
+    _finish(logger, "FINISHED")
+    return result
+
+
+def _fit(
+    cfg: ExperimentConfig, out: Path, resume: bool, console: Console, logger: Any
+) -> PretrainResult:
     run = PretrainRun(cfg)
     if resume:
         run.load_state_dict(load_checkpoint(out / "checkpoint.pt"))
@@ -104,11 +134,50 @@ def pretrain_local(
         with metrics_file.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         save_checkpoint(ckpt_path, checkpoint_payload(r, metrics))
+        if logger is not None:
+            logger.log_epoch(epoch, metrics)
 
     final = run.fit(on_epoch_end)
     rus = rus_from_metrics(final)
+    title = f"{cfg.name} ({cfg.model.method})"
     if rus:
-        write_rus_report(rus, out, title=f"{cfg.name} ({cfg.model.method})")
+        write_rus_report(rus, out, title=title)
         console.print("R/U/S: " + "  ".join(f"{k} {v:.3f}" for k, v in rus.items()))
+    if logger is not None:
+        logger.log_artifact(ckpt_path, "checkpoint")
+        logger.log_text(to_yaml(cfg), "config.yaml")
+        logger.log_rus(final, title=title)
     console.print(f"checkpoint: {ckpt_path}")
-    return PretrainResult(out, ckpt_path, final, run.history, rus)
+    run_id = logger.ref.run_id if logger is not None else None
+    return PretrainResult(out, ckpt_path, final, run.history, rus, run_id)
+
+
+def _open_tracking(
+    cfg: ExperimentConfig, out: Path, tracking_uri: str | None, experiment: str | None
+) -> Any:
+    from commlab.tracking import RunLogger, default_tracking_uri, open_run
+    from commlab.tracking.runs import absolute_uri
+
+    uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
+    run_dir = str(out.resolve())
+    ref, _ = open_run(
+        uri,
+        experiment or cfg.name,
+        run_key=run_dir,
+        run_name=out.name,
+        params=flatten(cfg),
+        tags={
+            "commlab.kind": "pretrain",
+            "commlab.method": cfg.model.method,
+            "commlab.run_dir": run_dir,
+            "commlab.workers": 0,
+        },
+    )
+    return RunLogger(ref)
+
+
+def _finish(logger: Any, status: str, error: str | None = None) -> None:
+    if logger is not None:
+        from commlab.tracking import finish_run
+
+        finish_run(logger.ref, status, error)
