@@ -1,6 +1,7 @@
 """The `commlab` command line, run as users run it (typer's runner in-process, plus one subprocess)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,7 +95,8 @@ def test_pretrain_on_trifeatures_writes_checkpoint_and_rus_report(tmp_path):
         "--out",
         str(tmp_path / "run"),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch   1/1" in proc.stdout and "R/U/S" in proc.stdout
     run = tmp_path / "run"
@@ -107,3 +109,10 @@ def test_pretrain_on_trifeatures_writes_checkpoint_and_rus_report(tmp_path):
 
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["config"]["data"]["params"]["pairs"] == 256 and ckpt["epoch"] == 1
+    # and an MLflow run in the default store, sqlite in the working directory
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert {f"commlab.rus.{k}" for k in rus} <= set(runs[0].data.tags)
