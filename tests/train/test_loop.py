@@ -6,7 +6,14 @@ import torch
 from commlab.data.base import DataBundle
 from commlab.train.checkpoint import FORMAT, load_checkpoint
 from commlab.train.local import format_progress, pretrain_local
-from commlab.train.loop import NonFiniteLossError, PretrainRun, lr_factor, param_groups
+from commlab.train.loop import (
+    NonFiniteLossError,
+    PretrainRun,
+    WorkerContext,
+    lr_factor,
+    param_groups,
+    rank_seed,
+)
 from tests.conftest import toy_config, toy_sequence_dataset
 
 
@@ -152,3 +159,16 @@ def test_progress_line():
     )
     assert line.startswith("epoch   3/10") and "loss 1.5000" in line and "share 0.900" in line
     assert "1,234 samples/s" in line and "mfu 0.31" in line
+
+
+def test_workers_share_initial_weights_but_not_dropout_masks():
+    cfg = toy_config("comm", ("model.dropout=0.5",))
+    runs, masks = [], []
+    for rank in (0, 1):
+        runs.append(PretrainRun(cfg, WorkerContext(rank=rank, world_size=2), data=_bundle()))
+        # the global stream right after construction is what dropout draws from
+        masks.append(torch.nn.functional.dropout(torch.ones(1000), 0.5) > 0)
+    a, b = (r.method.state_dict() for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(masks[0], masks[1])
+    assert rank_seed(cfg.seed, 0) == cfg.seed and rank_seed(cfg.seed, 1) != cfg.seed

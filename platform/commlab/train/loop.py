@@ -51,6 +51,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The global torch seed of worker `rank` after model construction (rank 0 keeps `seed`)."""
+    return seed + 1_000_033 * rank
+
+
 def seed_everything(seed: int) -> None:
     import random
 
@@ -109,6 +114,10 @@ class PretrainRun:
         shapes = [tuple(m.values.shape[1:]) for m in ds.modalities]
         self.method: Method = build_method(cfg, shapes).to(self.ctx.device)
         self.model: nn.Module = wrap_model(self.method) if wrap_model else self.method
+        if self.ctx.world_size > 1:
+            # Same initial weights everywhere (seeded above), but each rank its own dropout
+            # masks from here on: identical masks on every worker would correlate their gradients.
+            torch.manual_seed(rank_seed(cfg.seed, self.ctx.rank))
         self.augment = build_augmenter(cfg.augment, self.kinds)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.method, cfg.optim.weight_decay),
