@@ -159,3 +159,18 @@ def test_token_auth_wrong_token_is_a_clear_error_right_token_works(tmp_path):
         assert driver.returncode == 0 and driver.stdout.strip() == "True", driver.stderr[-2000:]
     finally:
         cluster.stop()
+
+
+@pytest.mark.timeout(180)
+def test_another_ray_instance_on_the_machine_is_detected(tmp_path):
+    from commlab.sweep.run import _other_ray_instances
+
+    before = set(_other_ray_instances())
+    cluster = RayCluster(tmp_path, Auth("disabled"))
+    try:
+        cluster.start_head(num_cpus=1)
+        now = set(_other_ray_instances())
+        assert now - before == {cluster.gcs_address}
+    finally:
+        cluster.stop()
+    assert cluster.gcs_address not in _other_ray_instances()

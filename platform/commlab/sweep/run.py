@@ -115,6 +115,18 @@ def _connect(space: LoadedSpace, address: str | None) -> bool:
     return connect(address)
 
 
+def _other_ray_instances() -> list[str]:
+    """GCS addresses of Ray instances already running on this machine (ps-based, as Ray's own
+    address discovery)."""
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        find_gcs_addresses.cache_clear()  # Ray caches what it found; we want now
+        return sorted(find_gcs_addresses())
+    except Exception:  # a private helper: never let it break a sweep
+        return []
+
+
 def fresh_name(storage: str, base: str) -> str:
     if "://" in storage:
         return base
@@ -171,6 +183,14 @@ def run_sweep(
     embedded = not (address or os.environ.get("RAY_ADDRESS"))
     if embedded:
         check_resources(space, _local_resources())
+        others = _other_ray_instances()
+        if others:
+            console.print(
+                f"[yellow]warning:[/] another Ray instance runs on this machine ({', '.join(others)}); "
+                "this sweep starts its own, and Ray Train's clean-up of stopped trials cannot "
+                "tell the two apart, so stopped trials may keep their CPUs and stall the sweep. "
+                "Stop the other instance, or join it with --address."
+            )
     started = _connect(space, address)
     t0 = time.perf_counter()
     parent = None
