@@ -165,7 +165,10 @@ def connect(
     """Connect this process to Ray unless it already is; True if this call connected.
 
     No address (and no `$RAY_ADDRESS`): an embedded cluster on this machine with `num_cpus`
-    logical CPUs (default: the machine's) and no dashboard. With an address: that cluster,
+    logical CPUs (default: the machine's) and its dashboard on 127.0.0.1 (8265, or the next
+    free port). The dashboard is not optional: Ray Train's placement-group cleaner asks the
+    State API it serves whether a training controller died; without it the worker CPUs of
+    every trial ASHA stops stay reserved and a sweep stalls. With an address: that cluster,
     with the resolved authentication (`num_cpus` is the cluster's business and is ignored).
     """
     import ray
@@ -178,7 +181,8 @@ def connect(
     if auth.mode is not None:
         apply_auth(auth)
     if target is None:
-        init_kwargs.setdefault("include_dashboard", False)
+        init_kwargs.setdefault("include_dashboard", True)
+        init_kwargs.setdefault("dashboard_host", "127.0.0.1")
         ray.init(num_cpus=num_cpus, **init_kwargs)
         return True
     try:
