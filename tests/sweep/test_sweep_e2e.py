@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import yaml
+
+from commlab.cluster import connect
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -59,6 +62,16 @@ def children(uri: str, parent_id: str):
     )
 
 
+def _live_placement_groups(timeout_s: float) -> list[dict]:
+    """Placement groups not yet removed, after waiting up to `timeout_s` for them to go."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        live = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+        if not live or time.monotonic() > deadline:
+            return live
+        time.sleep(1.0)
+
+
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -73,7 +86,15 @@ def test_smoke_sweep_end_to_end(tmp_path, env):
     from commlab.sweep.run import run_sweep
 
     path = write_space(tmp_path)
-    result = run_sweep(path, storage=env["storage"], tracking_uri=env["uri"])
+    # Ray started as run_sweep starts it (embedded), but here, so it outlives the sweep
+    connect(None, num_cpus=4)
+    try:
+        result = run_sweep(path, storage=env["storage"], tracking_uri=env["uri"])
+        # the placement groups of every trial, ASHA-stopped ones included, were removed
+        live = _live_placement_groups(timeout_s=30)
+        assert live == [], live
+    finally:
+        ray.shutdown()
     client = MlflowClient(env["uri"])
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
