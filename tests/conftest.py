@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from commlab.config import ExperimentConfig, apply_overrides, validate_config
 from commlab.data.base import DataBundle, Modality, MultimodalDataset, Task
-
-# Ray replaces 127.0.0.1 with the machine's address for every node it starts, unless clusters are
-# "disabled", which on Linux only means: stay on the loopback interface. Tests keep every Ray
-# instance (embedded or `ray start`, and their drivers) on 127.0.0.1; the variable is inherited by
-# every subprocess the tests start.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def toy_sequence_dataset(n: int = 96, seed: int = 0) -> MultimodalDataset:

@@ -171,14 +171,18 @@ def print_summary(result: Any, metric: str, console: Console) -> None:
         table.add_row(
             f"{t['trial_id']}{mark}",
             str(t["iterations"] or 0),
-            f"{value:.4f}" if isinstance(value, int | float) else "-",
+            _fmt(value),
             ", ".join(f"{k}={_short(v)}" for k, v in t["config"].items()),
         )
     console.print(table)
     if result.best_trial_id:
         console.print(
-            f"best: {result.best_trial_id} {metric}={result.best_metric:.4f}  checkpoint {result.best_checkpoint}"
+            f"best: {result.best_trial_id} {metric}={_fmt(result.best_metric)}  checkpoint {result.best_checkpoint}"
         )
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, int | float) else "-"
 
 
 def _short(v: Any) -> str:

@@ -361,6 +361,9 @@ def _summarise(
         series = df[spec.metric].dropna() if df is not None and spec.metric in df else None
         if series is not None and len(series):
             best_metric = float(series.max() if spec.mode == "max" else series.min())
+        elif isinstance(best.metrics.get(spec.metric), int | float):
+            # a trial resumed after a driver crash can come back without its metric history
+            best_metric = float(best.metrics[spec.metric])
         best_params = dict(best.config or {})
         best_ckpt = best.metrics.get("checkpoint_path")
     return SweepResult(
