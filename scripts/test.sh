@@ -5,6 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m ruff check platform tests bench
-# the venv first on PATH: subprocesses (Ray nodes, jobs) run its `python`
-export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
-exec python -m pytest "$@"
+exec .venv/bin/python -m pytest "$@"

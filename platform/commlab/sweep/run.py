@@ -102,10 +102,10 @@ def _local_resources() -> dict[str, float]:
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
 
 
-def _connect(space: LoadedSpace, address: str | None) -> bool:
-    from commlab.cluster import connect, resolve_address
+def _connect(space: LoadedSpace, address: str | None, embedded: bool) -> bool:
+    from commlab.cluster import connect
 
-    if resolve_address(address) is None:
+    if embedded:
         # Embedded: one extra logical CPU per concurrent trial driver (they mostly wait), so the
         # trial drivers never hold the cores their own Train workers need.
         cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(space)))
@@ -180,7 +180,9 @@ def run_sweep(
         raise FileNotFoundError(f"--resume: no sweep at {exp_path}")
     uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
     spec = space.spec
-    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    from commlab.cluster import resolve_address
+
+    embedded = resolve_address(address) is None
     if embedded:
         check_resources(space, _local_resources())
         others = _other_ray_instances()
@@ -191,7 +193,7 @@ def run_sweep(
                 "tell the two apart, so stopped trials may keep their CPUs and stall the sweep. "
                 "Stop the other instance, or join it with --address."
             )
-    started = _connect(space, address)
+    started = _connect(space, address, embedded)
     t0 = time.perf_counter()
     parent = None
     try:

@@ -157,6 +157,29 @@ def open_run(
     return RunRef(tracking_uri, exp_id, run_id), reopened
 
 
+def open_pretrain_run(
+    tracking_uri: str | None,
+    experiment: str,
+    run_key: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    method: str,
+    tags: Mapping[str, Any],
+) -> RunRef:
+    """The MLflow run of one pretraining, in-process or on Ray Train: created, or reopened when
+    `run_key` (its run directory) already has one. `tracking_uri` None: the default store."""
+    uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
+    ref, _ = open_run(
+        uri,
+        experiment,
+        run_key=run_key,
+        run_name=run_name,
+        params=params,
+        tags={"commlab.kind": "pretrain", "commlab.method": method, **tags},
+    )
+    return ref
+
+
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
     items = [RunTag(k, _param_value(v)) for k, v in tags.items()]
     for i in range(0, len(items), _BATCH):
@@ -268,6 +291,7 @@ __all__ = [
     "get_or_create_experiment",
     "log_params",
     "metric_steps",
+    "open_pretrain_run",
     "open_run",
     "run_status",
     "set_tags",

@@ -155,23 +155,18 @@ def _fit(
 def _open_tracking(
     cfg: ExperimentConfig, out: Path, tracking_uri: str | None, experiment: str | None
 ) -> Any:
-    from commlab.tracking import RunLogger, default_tracking_uri, open_run
-    from commlab.tracking.runs import absolute_uri
+    from commlab.tracking import RunLogger
+    from commlab.tracking.runs import open_pretrain_run
 
-    uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
     run_dir = str(out.resolve())
-    ref, _ = open_run(
-        uri,
+    ref = open_pretrain_run(
+        tracking_uri,
         experiment or cfg.name,
         run_key=run_dir,
         run_name=out.name,
         params=flatten(cfg),
-        tags={
-            "commlab.kind": "pretrain",
-            "commlab.method": cfg.model.method,
-            "commlab.run_dir": run_dir,
-            "commlab.workers": 0,
-        },
+        method=cfg.model.method,
+        tags={"commlab.run_dir": run_dir, "commlab.workers": 0},
     )
     return RunLogger(ref)
 

@@ -13,7 +13,6 @@ named run from its last checkpoint and reopens its MLflow run.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
+from commlab.cluster import connect, resolve_address
 from commlab.config import ExperimentConfig, flatten
 from commlab.train.loop import NonFiniteLossError
 
@@ -169,17 +169,6 @@ def build_trainer(
     )
 
 
-def ensure_ray(address: str | None) -> bool:
-    """Connect to Ray unless already connected; True if this call started the connection.
-
-    No address (and no $RAY_ADDRESS): an embedded cluster on this machine, without dashboard;
-    otherwise that cluster with the resolved authentication (`commlab.cluster.connect`).
-    """
-    from commlab.cluster import connect
-
-    return connect(address)
-
-
 def pretrain_ray(
     cfg: ExperimentConfig,
     settings: RayTrainSettings | None = None,
@@ -195,13 +184,22 @@ def pretrain_ray(
     storage = storage_root(cfg, settings)
     name = resolve_run_name(storage, cfg.name, settings)
     run_dir = f"{storage.rstrip('/')}/{name}"
-    started = ensure_ray(settings.address)
+    started = connect(settings.address)
     ref = None
     try:
         if settings.tracking:
-            ref = _open_tracking(cfg, settings, run_dir, name)
-            cluster = settings.address or os.environ.get("RAY_ADDRESS")
-            if cluster and ref.tracking_uri.startswith("sqlite:"):
+            from commlab.tracking.runs import open_pretrain_run
+
+            ref = open_pretrain_run(
+                settings.tracking_uri,
+                settings.experiment or cfg.name,
+                run_key=run_dir,
+                run_name=name,
+                params=flatten(cfg),
+                method=cfg.model.method,
+                tags={"commlab.ray_run_dir": run_dir},
+            )
+            if resolve_address(settings.address) and ref.tracking_uri.startswith("sqlite:"):
                 console.print(
                     "[yellow]warning:[/] MLflow tracks into a local sqlite file; workers on "
                     "other nodes cannot reach it (set MLFLOW_TRACKING_URI=http://...)"
@@ -238,27 +236,6 @@ def pretrain_ray(
             import ray
 
             ray.shutdown()
-
-
-def _open_tracking(
-    cfg: ExperimentConfig, settings: RayTrainSettings, run_dir: str, name: str
-) -> Any:
-    from commlab.tracking.runs import absolute_uri, default_tracking_uri, open_run
-
-    uri = absolute_uri(settings.tracking_uri) if settings.tracking_uri else default_tracking_uri()
-    ref, _ = open_run(
-        uri,
-        settings.experiment or cfg.name,
-        run_key=run_dir,
-        run_name=name,
-        params=flatten(cfg),
-        tags={
-            "commlab.kind": "pretrain",
-            "commlab.method": cfg.model.method,
-            "commlab.ray_run_dir": run_dir,
-        },
-    )
-    return ref
 
 
 def _finish(ref: Any, status: str, error: str | None = None) -> None:

@@ -91,7 +91,7 @@ class GlobalBatchNorm(_BatchNorm):
         mean = total[:c] / n
         var = (total[c : 2 * c] / n - mean * mean).clamp_min(0.0)
         if self.track_running_stats and self.running_mean is not None:
-            self._update_running(mean.detach(), var.detach(), float(n))
+            update_running_stats(self, mean.detach(), var.detach(), float(n))
         shape = [1, c] + [1] * (x.dim() - 2)
         work = torch.promote_types(x.dtype, torch.float32)
         inv = torch.rsqrt(var + self.eps).to(work)
@@ -99,9 +99,6 @@ class GlobalBatchNorm(_BatchNorm):
         if self.affine:
             y = y * self.weight.to(work).view(shape) + self.bias.to(work).view(shape)
         return y.to(x.dtype)
-
-    def _update_running(self, mean: Tensor, var: Tensor, n: float) -> None:
-        update_running_stats(self, mean, var, n)
 
     def sum_over_workers(self, local: Tensor) -> Tensor:
         """`local` (float64 statistics) summed over workers, with gradient: the hook through
