@@ -337,3 +337,17 @@ def test_failure_hint_names_the_missing_module():
     assert hint is not None
     assert "'typer'" in hint and "--pip typer" in hint and "ray start" in hint
     assert jobs.failure_hint("ValueError: bad learning rate\n") is None
+
+
+def test_drivers_given_a_dashboard_address_fail_clearly_before_starting_ray(tmp_path):
+    url = "http://127.0.0.1:8265"
+    space = REPO / "search_spaces" / "trifeatures-smoke.yaml"
+    config = REPO / "configs" / "trifeatures" / "smoke.yaml"
+    for argv in (
+        ["sweep", str(space), "--address", url, "--storage", str(tmp_path / "sweeps")],
+        ["pretrain", str(config), "--workers", "1", "--address", url, "--no-tracking",
+         "--out", str(tmp_path / "run")],
+    ):  # fmt: skip
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 2, (argv, result.output)
+        assert "commlab submit --address" in flat(result.output)

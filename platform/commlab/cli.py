@@ -77,6 +77,7 @@ def pretrain(
     Every run logs one MLflow run (params, per-epoch metrics, checkpoint, R/U/S report) to
     $MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db); --resume continues it.
     """
+    from commlab.cluster import ClusterError
     from commlab.config import ConfigError, load_config
     from commlab.train.local import pretrain_local
     from commlab.train.loop import NonFiniteLossError
@@ -114,7 +115,7 @@ def pretrain(
     except NonFiniteLossError as err:
         err_console.print(f"[bold red]pretraining failed:[/] {err}")
         raise typer.Exit(code=1) from None
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, ClusterError) as err:
         raise _fail(str(err)) from None
 
 
@@ -136,6 +137,7 @@ def sweep(
 ) -> None:
     """Sweep CoMM pretraining with Ray Tune (Optuna TPE + ASHA); one MLflow parent run per
     sweep, one child run per trial, at $MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db)."""
+    from commlab.cluster import ClusterError
     from commlab.sweep.run import SweepFailedError, run_sweep, sweep_plan
     from commlab.sweep.space import SearchSpaceError
 
@@ -150,7 +152,7 @@ def sweep(
         run_sweep(
             space, name=name, resume=resume, storage=storage, address=address, console=console
         )
-    except (SearchSpaceError, ValueError, FileNotFoundError) as err:
+    except (SearchSpaceError, ValueError, FileNotFoundError, ClusterError) as err:
         raise _fail(str(err)) from None
     except SweepFailedError as err:
         err_console.print(f"[bold red]sweep failed:[/] {err}")
@@ -508,12 +510,12 @@ def _follow(job_id: str, address: str | None, token_file: Path | None, on_interr
     from commlab.cluster import ClusterError
     from commlab.jobs import failure_hint, follow_job
 
-    tail: list[str] = []
+    tail = [""]  # the last 20,000 characters: enough for a traceback, bounded for long jobs
 
     def write(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
-        tail.append(text)
+        tail[0] = (tail[0] + text)[-20_000:]
 
     try:
         status = follow_job(job_id, address, token_file=token_file, write=write)
@@ -524,7 +526,7 @@ def _follow(job_id: str, address: str | None, token_file: Path | None, on_interr
             err_console.print(on_interrupt)
         raise typer.Exit(code=130) from None
     console.print(f"job {job_id}: {status}", highlight=False)
-    hint = failure_hint("".join(tail)[-20_000:]) if status == "FAILED" else None
+    hint = failure_hint(tail[0]) if status == "FAILED" else None
     if hint:
         err_console.print(f"[yellow]hint:[/] {escape(hint)}")
     return status
