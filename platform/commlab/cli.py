@@ -23,7 +23,11 @@ err_console = Console(stderr=True)
 
 
 def _fail(msg: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {msg}")
+    """Print `msg` as one error (escaped: messages name keys as `[key]`, which rich would
+    otherwise swallow as markup) and return the exit to raise (code 2: bad input)."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -249,7 +253,8 @@ def data_import(
 ) -> None:
     """Convert published benchmark files into a commlab dataset; nothing is downloaded.
 
-    WARNING: loading a pickle (affect, mimic) runs code stored in it: import only pickles you trust.
+    Pickles (affect, mimic) are read with a restricted unpickler: numpy arrays and builtin
+    containers only; a pickle that names anything else (code to run) is refused.
 
     Options of every importer: docs/datasets.md.
     """
@@ -491,7 +496,7 @@ def submit(
             submission_id=submission_id,
         )
     except (SubmitError, ClusterError) as err:
-        raise _fail(escape(str(err))) from None
+        raise _fail(str(err)) from None
     for warning in sub.spec.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}")
     console.print(f"submitted job [bold]{sub.job_id}[/] to {sub.address}", highlight=False)
@@ -520,7 +525,7 @@ def _follow(job_id: str, address: str | None, token_file: Path | None, on_interr
     try:
         status = follow_job(job_id, address, token_file=token_file, write=write)
     except ClusterError as err:
-        raise _fail(escape(str(err))) from None
+        raise _fail(str(err)) from None
     except KeyboardInterrupt:
         if on_interrupt:
             err_console.print(on_interrupt)
@@ -541,15 +546,13 @@ def jobs_list(
     """List the cluster's jobs, oldest first."""
     import json
 
-    from rich.markup import escape
-
     from commlab.cluster import ClusterError
     from commlab.jobs import jobs_table, list_jobs
 
     try:
         rows = list_jobs(address, token_file=auth_token_file)
     except ClusterError as err:
-        raise _fail(escape(str(err))) from None
+        raise _fail(str(err)) from None
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
     else:
@@ -566,15 +569,13 @@ def jobs_status(
     """Show a job's status (and its message, e.g. why it failed)."""
     import json
 
-    from rich.markup import escape
-
     from commlab.cluster import ClusterError
     from commlab.jobs import job_info
 
     try:
         info = job_info(job_id, address, token_file=auth_token_file)
     except ClusterError as err:
-        raise _fail(escape(str(err))) from None
+        raise _fail(str(err)) from None
     if as_json:
         typer.echo(json.dumps(info, indent=1))
     else:
@@ -591,7 +592,6 @@ def jobs_logs(
     auth_token_file: Annotated[Path | None, typer.Option(help=_TOKEN_FILE_HELP)] = None,
 ) -> None:
     """Print a job's logs (driver stdout and stderr)."""
-    from rich.markup import escape
 
     from commlab.cluster import ClusterError
     from commlab.jobs import exit_code, job_logs
@@ -600,7 +600,7 @@ def jobs_logs(
         try:
             typer.echo(job_logs(job_id, address, token_file=auth_token_file), nl=False)
         except ClusterError as err:
-            raise _fail(escape(str(err))) from None
+            raise _fail(str(err)) from None
         return
     status = _follow(job_id, address, auth_token_file, on_interrupt="")
     raise typer.Exit(code=exit_code(status))
@@ -613,7 +613,6 @@ def jobs_stop(
     auth_token_file: Annotated[Path | None, typer.Option(help=_TOKEN_FILE_HELP)] = None,
 ) -> None:
     """Stop a running job (its trials and workers with it)."""
-    from rich.markup import escape
 
     from commlab.cluster import ClusterError
     from commlab.jobs import stop_job
@@ -621,7 +620,7 @@ def jobs_stop(
     try:
         stopped = stop_job(job_id, address, token_file=auth_token_file)
     except ClusterError as err:
-        raise _fail(escape(str(err))) from None
+        raise _fail(str(err)) from None
     console.print(f"{job_id}: {'stop requested' if stopped else 'already ended'}")
 
 

@@ -4,8 +4,9 @@
 dataset atomically (a malformed source raises `SourceFormatError` naming the file and key, and
 leaves no output behind). The same source and options give byte-identical files.
 
-Pickle sources (affect, MIMIC) run code from the file when loaded: only import pickles you trust,
-from a path you name. Nothing is ever downloaded.
+Pickle sources (affect, MIMIC) are read with a restricted unpickler that admits only numpy arrays
+and builtin containers (a pickle naming anything else, e.g. a `__reduce__` that runs a command, is
+refused before it runs). Nothing is ever downloaded.
 """
 
 from __future__ import annotations

@@ -36,16 +36,73 @@ class Imported:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+# What the published MultiBench pickles hold: dicts / lists of numpy arrays and scalars.
+# Everything else a pickle can name (os.system, subprocess, builtins.eval, ...) is refused.
+_SAFE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy.ma.core", "_mareconstruct"),
+    ("numpy.ma.core", "MaskedArray"),
+    ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("builtins", "complex"),
+    ("builtins", "bytearray"),
+    ("builtins", "range"),
+    ("__builtin__", "set"),  # Python 2 names of the same builtins
+    ("__builtin__", "frozenset"),
+}
+
+
+class UnsafePickleError(SourceFormatError):
+    """The pickle names something other than numpy arrays and builtin containers."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only the numpy and builtin types the published dataset pickles hold."""
+
+    def __init__(self, file: Any, path: Path, encoding: str) -> None:
+        super().__init__(file, encoding=encoding)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_GLOBALS:
+            raise UnsafePickleError(
+                self.path,
+                f"refused to load: the pickle references {module}.{name}, which a dataset of "
+                "numpy arrays never needs (it could run code). Only numpy arrays, numbers, "
+                "strings, lists and dicts are admitted; convert the file with the code that "
+                "wrote it, or check where it came from",
+            )
+        if module == "__builtin__":
+            module = "builtins"
+        return super().find_class(module, name)
+
+
 def load_pickle(path: Path) -> Any:
-    """Unpickle `path`. Unpickling runs code from the file: callers only pass user-named paths."""
+    """Unpickle `path` with a restricted unpickler: numpy arrays and builtin containers only.
+
+    A pickle can name any importable callable and have it run on load; the published files
+    need none, so anything else is refused with `UnsafePickleError` before it is called.
+    """
     if not path.is_file():
         raise SourceFormatError(path, "file not found")
     for encoding in ("ASCII", "latin1"):  # latin1: pickles written by Python 2 with numpy arrays
         try:
             with path.open("rb") as f:
-                return pickle.load(f, encoding=encoding)
+                return _RestrictedUnpickler(f, path, encoding).load()
         except UnicodeDecodeError:
             continue
+        except SourceFormatError:
+            raise
         except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as err:
             raise SourceFormatError(
                 path, f"not a readable pickle (truncated or corrupt?): {type(err).__name__}: {err}"
