@@ -344,3 +344,22 @@ def test_builder_rejects_unknown_and_bad_params(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="'size' must be an int >= 32"):
         build_data("trifeatures", str(tmp_path), 0, {"size": 16})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_builder_adds_colour_diagnostics_from_the_attributes(tmp_path: Path) -> None:
+    bundle = build_data("trifeatures", str(tmp_path), 0, dict(size=32, pairs=300, test_pairs=200))
+    probe = bundle.probe
+    attrs, _ = tri.read_attributes(next(p for p in tmp_path.iterdir() if p.is_dir()))
+    for k in (1, 2):
+        task = probe.tasks[f"colour{k}"]
+        assert task.diagnostic and task.kind == "multiclass" and task.chance == 0.1
+        images = probe.modalities[k - 1].index.numpy()
+        assert (probe.labels[f"colour{k}"].numpy() == attrs["colour"][images]).all()
+    # the R/U/S tasks stay what they were and are not diagnostic
+    assert not any(probe.tasks[t].diagnostic for t in ("share", "unique1", "unique2", "synergy"))
+    # the pixels agree: a pair's image-2 colour is drawn in image 2
+    colour2 = probe.labels["colour2"][:20].numpy()
+    img2 = probe.modalities[1].values[probe.modalities[1].index[:20]].numpy()
+    for c, img in zip(colour2, img2, strict=True):
+        pixels = img.reshape(3, -1).T
+        assert (pixels == tri.COLOUR_UINT8[c]).all(1).any()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from commlab.config import flatten
+from commlab.data.base import Task
 from commlab.tracking.runs import (
     ERROR_TAG,
     RUN_KEY_TAG,
@@ -133,13 +135,20 @@ def test_artifacts_and_rus_report(uri, tmp_path):
     f.write_bytes(b"weights")
     log.log_artifact(f, "checkpoint")
     log.log_text("name: toy\n", "config.yaml")
-    assert log.log_rus({"probe/cls/balanced_acc": 0.9}) is None
+    tasks = {
+        "cls": Task("cls", "multiclass", 3),
+        "share": Task("share", "multiclass", 10),
+        "unique1": Task("unique1", "multiclass", 4),
+        "synergy": Task("synergy", "binary", 2),
+    }
+    assert log.log_rus({"probe/cls/balanced_acc": 0.9}, tasks) is None
     rus = log.log_rus(
         {
             "probe/share/balanced_acc": 0.8,
             "probe/unique1/balanced_acc": 0.6,
             "probe/synergy/balanced_acc": 0.55,
         },
+        tasks,
         title="toy",
     )
     assert rus == {"redundancy": 0.8, "uniqueness": 0.6, "synergy": 0.55}
@@ -154,3 +163,7 @@ def test_artifacts_and_rus_report(uri, tmp_path):
     local = Path(client.download_artifacts(ref.run_id, "checkpoint/checkpoint.pt", str(tmp_path)))
     assert local.read_bytes() == b"weights"
     assert client.get_run(ref.run_id).data.tags["commlab.rus.redundancy"] == "0.8000"
+    doc = json.loads(
+        Path(client.download_artifacts(ref.run_id, "rus/rus.json", str(tmp_path))).read_text()
+    )
+    assert doc["chance"] == {"redundancy": 0.1, "uniqueness": 0.25, "synergy": 0.5}

@@ -41,9 +41,20 @@ class Modality:
 
 @dataclass
 class Task:
+    """A downstream task probed on frozen features. `diagnostic` tasks explain a result (e.g.
+    which attributes the features hold) and stay out of averaged selection metrics."""
+
     name: str
     kind: TaskKind
     num_classes: int | None = None  # multiclass/binary: classes; multilabel: labels
+    diagnostic: bool = False
+
+    @property
+    def chance(self) -> float | None:
+        """Balanced accuracy of a constant prediction: 1 / classes (None where not defined)."""
+        if self.kind in ("multiclass", "binary") and self.num_classes:
+            return 1.0 / self.num_classes
+        return None
 
 
 @dataclass

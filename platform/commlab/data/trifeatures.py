@@ -8,7 +8,9 @@ shape (redundancy); the textures are unique to each image; in *biased* pairs the
 π(texture of i) for a fixed permutation π of the colours (synergy: only the pair reveals it).
 
 Tasks: `share` = shape, `unique1` / `unique2` = texture of image 1 / 2, `synergy` = whether
-(texture 1, colour 2) is a correlated pair. π is drawn from its own generator,
+(texture 1, colour 2) is a correlated pair; the diagnostic tasks `colour1` / `colour2` (colour of
+image 1 / 2, derived from ``attributes.parquet`` when loading) complete the table of what frozen
+features hold, so a missed uniqueness or synergy shows its cause. π is drawn from its own generator,
 ``np.random.default_rng([data_seed, 1234]).permutation(10)``, never from the rendering stream, so
 every process agrees on it (the reference couples them; see its pitfalls). Other streams:
 ``[data_seed, 0]`` combination split, ``[data_seed, 1]`` rendering, ``[data_seed, 2|3|4]``
@@ -198,6 +200,10 @@ TASKS = {
     "unique1": Task("unique1", "multiclass", len(TEXTURES)),
     "unique2": Task("unique2", "multiclass", len(TEXTURES)),
     "synergy": Task("synergy", "binary", 2),
+}
+# Probed on every run to explain R/U/S, never averaged into the selection metric.
+DIAGNOSTIC_TASKS = {
+    f"colour{k}": Task(f"colour{k}", "multiclass", len(COLOURS), diagnostic=True) for k in (1, 2)
 }
 
 
@@ -418,6 +424,7 @@ def trifeatures(path: str, seed: int, **params: Any) -> DataBundle:
         progress=False,
     )
     probe = read_dataset(root / "unbiased")
+    _add_diagnostic_labels(probe, root)
     pretrain = probe
     if opts["biased"]:
         pretrain = read_dataset(root / "biased")
@@ -433,3 +440,13 @@ def trifeatures(path: str, seed: int, **params: Any) -> DataBundle:
         f"{len(pretrain.split('train'))} pairs, {variant}"
     )
     return DataBundle(pretrain=pretrain, probe=probe, description=description)
+
+
+def _add_diagnostic_labels(ds: MultimodalDataset, root: Path) -> None:
+    """Colour of each pair's image 1 / 2 as diagnostic tasks (the stored format keeps the four
+    R/U/S tasks; the attributes file has every image's colour)."""
+    attrs, _ = read_attributes(root)
+    colour = torch.from_numpy(attrs["colour"].astype(np.int64))
+    for k, m in enumerate(ds.modalities, start=1):
+        ds.labels[f"colour{k}"] = colour[m.index]
+    ds.tasks.update(DIAGNOSTIC_TASKS)

@@ -19,11 +19,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:
+    from commlab.data.base import Task
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 RUN_KEY_TAG = "commlab.run_key"
@@ -143,7 +146,8 @@ def open_run(
     client = MlflowClient(tracking_uri)
     exp_id = get_or_create_experiment(client, experiment, tracking_uri)
     run_id = find_run(client, exp_id, run_key)
-    all_tags = {RUN_KEY_TAG: run_key, **(tags or {})}
+    # MLflow servers reject non-string tag values (sqlite stores accept them): stringify here
+    all_tags = {k: _param_value(v) for k, v in {RUN_KEY_TAG: run_key, **(tags or {})}.items()}
     reopened = run_id is not None
     if run_id is None:
         run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
@@ -200,10 +204,28 @@ def run_status(ref: RunRef) -> str:
     return str(ref.client().get_run(ref.run_id).info.status)
 
 
+# Hyperparameters a probe chose (`probe/<task>/C`, `probe/<task>/alpha`): settings, not
+# measurements, so they are tags (`commlab.probe.<task>.C`, the latest choice), never metrics.
+PROBE_HYPERPARAMS = ("C", "alpha")
+
+
+def is_probe_hyperparam(key: str) -> bool:
+    return key.startswith("probe/") and key.rsplit("/", 1)[-1] in PROBE_HYPERPARAMS
+
+
+def probe_hyperparam_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
+    """`probe/<task>/C` -> {`commlab.probe.<task>.C`: value} for every probe hyperparameter."""
+    return {
+        "commlab." + k.replace("/", "."): f"{float(v):g}"
+        for k, v in metrics.items()
+        if is_probe_hyperparam(k) and isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
-        if isinstance(v, bool) or not isinstance(v, int | float):
+        if isinstance(v, bool) or not isinstance(v, int | float) or is_probe_hyperparam(k):
             continue
         out[k] = float(v)
     return out
@@ -229,10 +251,13 @@ class RunLogger:
         """Log `metrics` at step `epoch` unless MLflow already holds that epoch; True if logged.
 
         Non-numeric values are skipped; NaN/inf are kept (MLflow stores them) because a
-        diverging metric is information.
+        diverging metric is information. Probe hyperparameters (`probe/<task>/C`) become tags.
         """
         if epoch in self._logged:
             return False
+        hyper = probe_hyperparam_tags(metrics)
+        if hyper:
+            self.set_tags(hyper)
         ts = int(time.time() * 1000)
         values = {**_numeric(metrics), STEP_METRIC: float(epoch)}
         # STEP_METRIC goes last: an interrupted batch sequence must not mark the epoch as done
@@ -257,18 +282,20 @@ class RunLogger:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.ref.run_id, text, artifact_file)
 
-    def log_rus(self, metrics: Mapping[str, float], title: str = "") -> dict[str, float] | None:
+    def log_rus(
+        self, metrics: Mapping[str, float], tasks: Mapping[str, Task], title: str = ""
+    ) -> dict[str, float] | None:
         """The R/U/S report (rus.json/.md/.png under `rus/`) when the probes cover its tasks."""
-        from commlab.report import rus_from_metrics, write_rus_report
+        from commlab.report import rus_report
 
-        rus = rus_from_metrics(metrics)
-        if not rus:
+        report = rus_report(metrics, tasks)
+        if report is None:
             return None
         with tempfile.TemporaryDirectory() as tmp:
-            write_rus_report(rus, tmp, title=title)
+            report.write(tmp, title=title)
             self.log_artifacts(tmp, "rus")
-        self.set_tags({f"commlab.rus.{k}": f"{v:.4f}" for k, v in rus.items()})
-        return rus
+        self.set_tags({f"commlab.rus.{k}": f"{v:.4f}" for k, v in report.rus.items()})
+        return report.rus
 
 
 def metric_steps(ref: RunRef, key: str) -> list[int]:

@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from commlab.config import ExperimentConfig, flatten, to_yaml
-from commlab.report import rus_from_metrics, write_rus_report
+from commlab.report import rus_report
 from commlab.train.checkpoint import load_checkpoint, save_checkpoint
 from commlab.train.loop import NonFiniteLossError, PretrainRun
 
@@ -138,15 +138,20 @@ def _fit(
             logger.log_epoch(epoch, metrics)
 
     final = run.fit(on_epoch_end)
-    rus = rus_from_metrics(final)
+    report = rus_report(final, run.data.probe.tasks)
+    rus = report.rus if report else None
     title = f"{cfg.name} ({cfg.model.method})"
-    if rus:
-        write_rus_report(rus, out, title=title)
-        console.print("R/U/S: " + "  ".join(f"{k} {v:.3f}" for k, v in rus.items()))
+    if report:
+        paths = report.write(out, title=title)
+        console.print(
+            "R/U/S: "
+            + "  ".join(f"{k} {v:.3f}" for k, v in report.rus.items())
+            + f"  (report: {paths['md']})"
+        )
     if logger is not None:
         logger.log_artifact(ckpt_path, "checkpoint")
         logger.log_text(to_yaml(cfg), "config.yaml")
-        logger.log_rus(final, title=title)
+        logger.log_rus(final, run.data.probe.tasks, title=title)
     console.print(f"checkpoint: {ckpt_path}")
     run_id = logger.ref.run_id if logger is not None else None
     return PretrainResult(out, ckpt_path, final, run.history, rus, run_id)

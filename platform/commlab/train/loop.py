@@ -282,7 +282,7 @@ class PretrainRun:
             return {}
         train_ids = ds.split("train")
         cap = self.cfg.data.probe_max_train
-        if len(train_ids) > cap:
+        if cap is not None and len(train_ids) > cap:
             g = torch.Generator().manual_seed(12345)
             train_ids = train_ids[torch.randperm(len(train_ids), generator=g)[:cap]]
         test_ids = ds.split("test")

@@ -304,5 +304,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             path = save_checkpoint(Path(tmp) / CHECKPOINT_FILE, checkpoint_payload(run, final))
             logger.log_artifact(path, "checkpoint")
         logger.log_text(to_yaml(cfg), "config.yaml")
-        logger.log_rus(final, title=f"{cfg.name} ({cfg.model.method})")
+        logger.log_rus(final, run.data.probe.tasks, title=f"{cfg.name} ({cfg.model.method})")
     return {"status": "finished", "epoch": run.epoch, "error": None}
