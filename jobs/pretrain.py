@@ -12,7 +12,7 @@ _PLATFORM = Path(__file__).resolve().parents[1] / "platform"
 if (_PLATFORM / "commlab").is_dir() and str(_PLATFORM) not in sys.path:
     sys.path.insert(0, str(_PLATFORM))
 
-from commlab.cli import app  # noqa: E402
+from commlab.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    app(["pretrain", *sys.argv[1:]], prog_name="commlab")
+    main(["pretrain", *sys.argv[1:]])

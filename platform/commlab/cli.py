@@ -624,8 +624,35 @@ def jobs_stop(
     console.print(f"{job_id}: {'stop requested' if stopped else 'already ended'}")
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The `commlab` entry point: anything unexpected is one line on stderr (exit 1), not a
+    traceback; COMMLAB_DEBUG=1 shows the traceback."""
+    import os
+
+    try:
+        app(argv, prog_name="commlab")
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as err:
+        if os.environ.get("COMMLAB_DEBUG", "") not in ("", "0"):
+            raise
+        err_console.print(
+            f"[bold red]error:[/] {_one_line(err)} (run again with COMMLAB_DEBUG=1 for the "
+            "traceback)",
+            soft_wrap=True,
+            highlight=False,
+        )
+        sys.exit(1)
+
+
+def _one_line(err: BaseException) -> str:
+    from rich.markup import escape
+
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) > 400:
+        text = text[:397] + "..."
+    return escape(f"{type(err).__name__}: {text}")
 
 
 if __name__ == "__main__":

@@ -185,6 +185,7 @@ def connect(
         init_kwargs.setdefault("dashboard_host", "127.0.0.1")
         ray.init(num_cpus=num_cpus, **init_kwargs)
         return True
+    check_reachable(target)
     try:
         ray.init(address=target, **init_kwargs)
     except AuthenticationError as err:
@@ -203,6 +204,42 @@ def connect(
             f"if it uses token authentication, that {token}"
         ) from None
     return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing answers at a `HOST:PORT` or `ray://HOST:PORT` address.
+
+    `ray.init(address=...)` keeps retrying an address where no GCS listens (minutes, with no
+    output); one TCP connection tells at once. `auto` / `local` are left to Ray.
+    """
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    if parts.scheme not in ("", "ray"):
+        raise ClusterError(
+            f"Ray address {address!r}: expected HOST:{GCS_PORT} (the head's GCS port) or "
+            "ray://HOST:10001"
+        )
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or not port:
+        raise ClusterError(
+            f"Ray address {address!r}: expected HOST:PORT, e.g. 127.0.0.1:{GCS_PORT} (the port "
+            "`ray start --head --port` was given)"
+        )
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise ClusterError(
+            f"no Ray cluster answers at {address} ({reason}): start one there (ray start --head "
+            f"--port {port}), or fix --address / ${ENV_ADDRESS}; without either commlab starts "
+            "an embedded local Ray"
+        ) from None
 
 
 def dashboard_url(address: str | None = None) -> str:

@@ -376,7 +376,15 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         source = str(path)
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"{path} is not valid YAML: {' '.join(str(err).split())}; fix the file "
+                "(indentation, a missing ':' or an unclosed bracket or quote)"
+            ) from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read it as a YAML text file ({err})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         raw = loaded or {}

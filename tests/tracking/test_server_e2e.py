@@ -207,3 +207,26 @@ def test_commlab_ui_serves_the_local_store(tmp_path):
         assert f"http://127.0.0.1:{port}" in (tmp_path / "ui.log").read_text()
     finally:
         stop_group(proc)
+
+
+@pytest.mark.timeout(300)
+def test_in_process_pretrain_logs_to_the_server(mlflow_server, tmp_path, monkeypatch):
+    """`commlab pretrain` with the default --workers 0 against an MLflow server: servers reject
+    non-string tag values that sqlite accepts (the run's `commlab.workers` tag is 0)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.chdir(tmp_path)
+    name = f"inproc-{uuid.uuid4().hex[:6]}"
+    args = [
+        "pretrain", str(SMOKE), f"name={name}", f"data.path={tmp_path / 'data'}",
+        "data.params.pairs=128", "data.params.test_pairs=64", "data.batch_size=64",
+        "data.probe_max_train=100", "train.epochs=2", "train.probe_every=2",
+        "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, f"{res.output}\n{res.exception!r}"
+    client = MlflowClient(mlflow_server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["commlab.workers"] == "0"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [0, 1]
+    assert client.list_artifacts(run.info.run_id, "checkpoint")

@@ -13,18 +13,23 @@ TRIAL_TAG = "ray.trial_id"
 PARENT_TAG = "mlflow.parentRunId"
 
 
+STOPPED_EARLY_TAG = "commlab.stopped_early"
+
+
 class CloseChildRuns(Callback):
     """Runs in the Tuner process. When ASHA stops a trial, its Train workers are torn down and
     the worker never closes its MLflow run; an errored trial may not either. Close them here:
-    stopped early -> KILLED, error -> FAILED (a run already terminal is left as it is)."""
+    stopped early -> FINISHED with the tag `commlab.stopped_early=true` (an early stop is the
+    scheduler working, not a failure: Tune's own MLflowLoggerCallback also ends such trials
+    FINISHED), error -> FAILED. A run already terminal keeps its status."""
 
     def __init__(self, parent: Any, max_epochs: int) -> None:
         self.parent = parent
         self.max_epochs = max_epochs
 
-    def _close(self, trial: Any, status: str) -> None:
+    def _close(self, trial: Any, status: str, tags: dict[str, str] | None = None) -> None:
         from commlab.tracking import finish_run
-        from commlab.tracking.runs import RunRef
+        from commlab.tracking.runs import RunRef, set_tags
 
         client = self.parent.client()
         runs = client.search_runs(
@@ -36,13 +41,16 @@ class CloseChildRuns(Callback):
         )
         for run in runs:
             ref = RunRef(self.parent.tracking_uri, self.parent.experiment_id, run.info.run_id)
-            finish_run(
-                ref, status, "stopped early by the scheduler" if status == "KILLED" else None
-            )
+            if tags:
+                set_tags(client, run.info.run_id, tags)
+            finish_run(ref, status)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        done = (trial.last_result or {}).get("training_iteration", 0) >= self.max_epochs
-        self._close(trial, "FINISHED" if done else "KILLED")
+        epochs = (trial.last_result or {}).get("training_iteration", 0)
+        if epochs >= self.max_epochs:
+            self._close(trial, "FINISHED")
+        else:
+            self._close(trial, "FINISHED", {STOPPED_EARLY_TAG: "true"})
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._close(trial, "FAILED")

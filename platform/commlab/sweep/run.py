@@ -10,9 +10,11 @@ ever left RUNNING.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,30 @@ def required_cpus(space: LoadedSpace) -> float:
     return space.spec.max_concurrent_trials * (1 + r.workers * r.cpus_per_worker)
 
 
+def fit_concurrency(space: LoadedSpace, total: dict[str, float]) -> int:
+    """How many of the space's concurrent trials a cluster with `total` resources can run.
+
+    A running trial holds 1 CPU for its Tune driver *and* its workers' CPUs. Starting more
+    trials than that deadlocks: each driver holds a CPU, no worker group fits, and Ray Train
+    retries its worker-group start without end while the job shows RUNNING. Raises when not
+    even one trial fits.
+    """
+    r = space.spec.resources
+    per_trial = 1 + r.workers * r.cpus_per_worker
+    have = float(total.get("CPU", 0))
+    if per_trial > have + 1e-9:
+        raise ValueError(
+            f"{space.path}: resources: one trial needs 1 CPU for its driver + {r.workers} "
+            f"workers x {r.cpus_per_worker:g} CPUs = {per_trial:g} CPUs, the cluster has "
+            f"{have:g}; lower resources.workers / cpus_per_worker, or add nodes"
+        )
+    fits = int((have + 1e-9) // per_trial)
+    if r.gpus_per_worker:
+        per_gpu = r.workers * r.gpus_per_worker
+        fits = min(fits, int((float(total.get("GPU", 0)) + 1e-9) // per_gpu))
+    return max(1, min(space.spec.max_concurrent_trials, fits))
+
+
 def check_resources(space: LoadedSpace, total: dict[str, float]) -> None:
     """More workers than the cluster can ever hold is an error before anything starts.
 
@@ -113,6 +139,34 @@ def _connect(space: LoadedSpace, address: str | None, embedded: bool) -> bool:
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
         return connect(None, num_cpus=cpus + space.spec.max_concurrent_trials)
     return connect(address)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (`commlab jobs stop`, `kill`) interrupts the sweep like Ctrl-C, so the driver
+    closes its MLflow runs and leaves Ray before it goes (Ray Jobs SIGKILLs a job that has
+    not exited `RAY_JOB_STOP_WAIT_TIME_S` after the SIGTERM; `commlab submit` sets it to 30)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _trial_name(trial: Any) -> str:
+    """Short, distinct trial (and MLflow child run) names: the default
+    `comm_trial_<sweep>_<id>` truncates to the same prefix in the MLflow UI."""
+    return f"trial-{trial.trial_id}"
 
 
 def _other_ray_instances() -> list[str]:
@@ -160,10 +214,10 @@ def run_sweep(
 
     from commlab.sweep.callbacks import CloseChildRuns, ProgressView
     from commlab.sweep.trial import make_trainable
-    from commlab.tracking.runs import absolute_uri, default_tracking_uri
+    from commlab.tracking.runs import absolute_uri, check_tracking_uri, default_tracking_uri
 
     console = console or Console()
-    space = load_space(path)
+    space = load_space(path)  # reads every file the sweep needs before Ray connects
     # Tune runs each trial in its own directory: resolve a relative data path here, once.
     data = space.base_raw.setdefault("data", {})
     if "://" not in space.base.data.path and not Path(space.base.data.path).is_absolute():
@@ -179,6 +233,7 @@ def run_sweep(
     if resume and "://" not in root and not Path(exp_path).is_dir():
         raise FileNotFoundError(f"--resume: no sweep at {exp_path}")
     uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
+    check_tracking_uri(uri)
     spec = space.spec
     from commlab.cluster import resolve_address
 
@@ -196,12 +251,24 @@ def run_sweep(
     started = _connect(space, address, embedded)
     t0 = time.perf_counter()
     parent = None
+    previous_status = None
+    stack = contextlib.ExitStack()
     try:
+        stack.enter_context(_sigterm_interrupts())
         if not embedded:
             import ray
 
             check_resources(space, ray.cluster_resources())
-        parent = _open_parent(space, sweep_name, exp_path, uri)
+            fits = fit_concurrency(space, ray.cluster_resources())
+            if fits < spec.max_concurrent_trials:
+                console.print(
+                    f"[yellow]warning:[/] the cluster has {ray.cluster_resources().get('CPU', 0):g} "
+                    f"CPUs; a trial needs {1 + spec.resources.workers * spec.resources.cpus_per_worker:g} "
+                    f"(its driver + workers): running {fits} trial(s) at a time instead of "
+                    f"{spec.max_concurrent_trials}"
+                )
+                spec = space.spec = spec.model_copy(update={"max_concurrent_trials": fits})
+        parent, previous_status = _open_parent(space, sweep_name, exp_path, uri)
         console.print(
             f"[bold]commlab sweep[/] {sweep_name}: {spec.num_samples} trials of {space.base.model.method}, "
             f"{spec.max_concurrent_trials} at a time, metric {spec.metric} ({spec.mode}) -> {exp_path}"
@@ -258,6 +325,7 @@ def run_sweep(
                     num_samples=spec.num_samples,
                     max_concurrent_trials=spec.max_concurrent_trials,
                     time_budget_s=spec.stop.time_budget_s,
+                    trial_name_creator=_trial_name,
                 ),
                 run_config=run_config,
             )
@@ -274,12 +342,10 @@ def run_sweep(
         return result
     except BaseException as err:
         if parent is not None:
-            from commlab.tracking import finish_run
-
-            status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-            finish_run(parent, status, f"{type(err).__name__}: {err}")
+            _close_after_failure(parent, err, previous_status if resume else None)
         raise
     finally:
+        stack.close()
         if started:
             import ray
 
@@ -296,10 +362,50 @@ def _threshold_stopper(metric: str, mode: str, threshold: float) -> Any:
     return stop
 
 
-def _open_parent(space: LoadedSpace, sweep_name: str, exp_path: str, uri: str) -> Any:
-    from commlab.tracking.runs import open_run
+def _close_after_failure(parent: Any, err: BaseException, previous: str | None) -> None:
+    """The sweep ended by an error or an interrupt: no run of it stays RUNNING.
+
+    Trials still running are KILLED (their drivers go with this one; Tune's callbacks never
+    see them end). A `--resume` of a sweep that had FINISHED keeps that status: the failed
+    attempt is recorded in `commlab.resume_error` instead.
+    """
+    from commlab.tracking import finish_run
+    from commlab.tracking.runs import RunRef, set_tags
+
+    interrupted = isinstance(err, KeyboardInterrupt)
+    message = "interrupted (Ctrl-C or SIGTERM)" if interrupted else f"{type(err).__name__}: {err}"
+    client = parent.client()
+    try:
+        kids = client.search_runs(
+            [parent.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{parent.run_id}' and attributes.status = 'RUNNING'",
+        )
+        for kid in kids:
+            ref = RunRef(parent.tracking_uri, parent.experiment_id, kid.info.run_id)
+            finish_run(ref, "KILLED", f"the sweep ended: {message}")
+        if previous in ("FINISHED", "FAILED", "KILLED"):
+            set_tags(client, parent.run_id, {"commlab.resume_error": message})
+            client.set_terminated(parent.run_id, status=previous)
+        else:
+            finish_run(parent, "KILLED" if interrupted else "FAILED", message)
+    except Exception:  # the store may be what failed: never hide the original error
+        pass
+
+
+def _open_parent(
+    space: LoadedSpace, sweep_name: str, exp_path: str, uri: str
+) -> tuple[Any, str | None]:
+    """The sweep's parent run (reopened on resume) and its status before this call."""
+    from mlflow.tracking import MlflowClient
+
+    from commlab.tracking.runs import find_run, get_or_create_experiment, open_run
 
     experiment = space.base.name
+    client = MlflowClient(uri)
+    before = find_run(
+        client, get_or_create_experiment(client, experiment, uri), f"sweep:{exp_path}"
+    )
+    previous = client.get_run(before).info.status if before else None
     ref, _ = open_run(
         uri,
         experiment,
@@ -318,9 +424,9 @@ def _open_parent(space: LoadedSpace, sweep_name: str, exp_path: str, uri: str) -
     from commlab.tracking.runs import RunLogger
 
     logger = RunLogger(ref)
-    logger.log_text(space.path.read_text(), "search_space.yaml")
+    logger.log_text(space.text, "search_space.yaml")
     logger.log_text(to_yaml(space.base), "base_config.yaml")
-    return ref
+    return ref, previous
 
 
 def _summarise(

@@ -109,6 +109,7 @@ class LoadedSpace(BaseModel):
     spec: SearchSpace
     base_raw: dict[str, Any]
     base: ExperimentConfig
+    text: str = ""  # the file as read (logged with the sweep; the path may vanish later)
 
     @property
     def name(self) -> str:
@@ -145,10 +146,11 @@ def load_space(path: str | Path) -> LoadedSpace:
     path = Path(path)
     if not path.is_file():
         raise SearchSpaceError(f"search space file not found: {path}")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise _err(path, f"not valid YAML: {err}") from None
+        raise _err(path, f"not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(raw, dict):
         raise _err(path, "top level must be a mapping")
     try:
@@ -165,12 +167,19 @@ def load_space(path: str | Path) -> LoadedSpace:
                 lines.append(f"unknown key '{key}'{hint}")
             else:
                 lines.append(f"{key}: {e['msg']}")
-        raise _err(path, "invalid search space:\n  " + "\n  ".join(lines)) from None
+        raise _err(path, "invalid search space: " + "; ".join(lines)) from None
 
     base_path = (path.parent / spec.base).resolve()
     if not base_path.is_file():
         raise _err(path, f"base: config file not found: {base_path}")
-    base_raw = yaml.safe_load(base_path.read_text()) or {}
+    try:
+        base_raw = yaml.safe_load(base_path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise _err(
+            path, f"base: {base_path} is not valid YAML: {' '.join(str(err).split())}"
+        ) from None
+    if not isinstance(base_raw, dict):
+        raise _err(path, f"base: {base_path}: top level must be a mapping")
     try:
         base_raw = apply_overrides(base_raw, spec.overrides)
         base = validate_config(base_raw, str(base_path))
@@ -187,7 +196,7 @@ def load_space(path: str | Path) -> LoadedSpace:
         spec.scheduler.max_epochs or base.train.epochs
     ):
         raise _err(path, "scheduler.grace_period is larger than the number of epochs")
-    return LoadedSpace(path=path, spec=spec, base_raw=base_raw, base=base)
+    return LoadedSpace(path=path, spec=spec, base_raw=base_raw, base=base, text=text)
 
 
 def _fields_at(parent: tuple[Any, ...]) -> list[str]:

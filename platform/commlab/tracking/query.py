@@ -18,7 +18,7 @@ from typing import Any
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
-from commlab.tracking.runs import default_tracking_uri
+from commlab.tracking.runs import absolute_uri, check_tracking_uri, default_tracking_uri
 
 KIND_TAG = "commlab.kind"
 SWEEP_TAG = "commlab.sweep"
@@ -37,7 +37,9 @@ class QueryError(LookupError):
 
 
 def client_for(tracking_uri: str | None) -> tuple[MlflowClient, str]:
-    uri = tracking_uri or default_tracking_uri()
+    """A client of the store (checked reachable first: MLflow alone retries for minutes)."""
+    uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
+    check_tracking_uri(uri)
     return MlflowClient(uri), uri
 
 

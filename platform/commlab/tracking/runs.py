@@ -50,6 +50,66 @@ def default_tracking_uri(cwd: str | Path | None = None) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+class TrackingUnavailableError(ValueError):
+    """The tracking store cannot be used: the message names the URI, the problem and the fix."""
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when the store behind `uri` cannot be reached.
+
+    MLflow's client retries an unreachable server for minutes (7 retries with exponential
+    backoff) and then raises a long traceback; drivers and queries call this first. Servers and
+    databases: one TCP connection (a closed port answers at once); sqlite: the directory of the
+    file must exist. Outages later in a run are left to MLflow's retries.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    fix = "start it, or point MLFLOW_TRACKING_URI / --tracking-uri at a running one"
+    if uri.startswith("sqlite:"):
+        if uri.startswith("sqlite:///") and ":memory:" not in uri:
+            parent = Path(uri[len("sqlite:///") :]).parent
+            if not parent.is_dir():
+                raise TrackingUnavailableError(
+                    f"tracking URI {uri}: directory {parent} does not exist; create it or use "
+                    "another sqlite:///ABSOLUTE/PATH/mlflow.db"
+                )
+        return
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme == "file" or not scheme:
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true":
+            return
+        raise TrackingUnavailableError(
+            f"tracking URI {uri!r} is a file store, which MLflow 3 refuses; use "
+            "sqlite:///ABSOLUTE/PATH/mlflow.db or an http:// server"
+        )
+    if scheme not in _DEFAULT_PORTS:
+        if scheme in ("databricks", "azureml"):
+            return
+        raise TrackingUnavailableError(
+            f"tracking URI {uri!r}: unknown scheme {parts.scheme!r}; use http(s)://HOST:PORT, "
+            "sqlite:///ABSOLUTE/PATH/mlflow.db or postgresql://USER@HOST/DB"
+        )
+    try:
+        host, port = parts.hostname, parts.port or _DEFAULT_PORTS[scheme]
+    except ValueError:
+        raise TrackingUnavailableError(f"tracking URI {uri!r}: malformed port") from None
+    if not host:
+        raise TrackingUnavailableError(f"tracking URI {uri!r} names no host")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        what = "MLflow tracking server" if scheme.startswith("http") else "tracking database"
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+        raise TrackingUnavailableError(
+            f"{what} {uri} is not reachable ({host}:{port}: {reason}); {fix}"
+        ) from None
+
+
 def absolute_uri(uri: str) -> str:
     """A relative `sqlite:///rel.db` made absolute (from this process's CWD); others unchanged."""
     prefix = "sqlite:///"
@@ -173,6 +233,7 @@ def open_pretrain_run(
     """The MLflow run of one pretraining, in-process or on Ray Train: created, or reopened when
     `run_key` (its run directory) already has one. `tracking_uri` None: the default store."""
     uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
+    check_tracking_uri(uri)
     ref, _ = open_run(
         uri,
         experiment,
@@ -305,6 +366,8 @@ def metric_steps(ref: RunRef, key: str) -> list[int]:
 
 __all__ = [
     "ENV_TRACKING_URI",
+    "TrackingUnavailableError",
+    "check_tracking_uri",
     "ERROR_TAG",
     "RUN_KEY_TAG",
     "STEP_METRIC",
