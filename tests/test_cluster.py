@@ -207,11 +207,18 @@ def test_sweep_job_ships_the_checkout(monkeypatch):
     )
     env = spec.runtime_env
     assert env["working_dir"] == str(REPO)
+    from commlab.train.checkpoint import code_version
+
     assert env["env_vars"] == {
         "MLFLOW_TRACKING_URI": "http://mlflow:5000",
         "RAY_AUTH_MODE": "token",
         "PYTHONPATH": "platform",
+        # the client's commit: .git does not travel with the job
+        "COMMLAB_CODE_VERSION": code_version(),
+        # time for the driver to close its runs and free its CPUs when the job is stopped
+        "RAY_JOB_STOP_WAIT_TIME_S": "30",
     }  # the token itself stays out of the job's stored metadata
+    assert code_version() != "commlab-0.1.0" and len(code_version()) >= 40
     assert "py_modules" not in env and "pip" not in env
     assert any("data.path" in w for w in spec.warnings)  # the smoke config's path is relative
     assert not any("--storage" in w for w in spec.warnings)
@@ -351,3 +358,16 @@ def test_drivers_given_a_dashboard_address_fail_clearly_before_starting_ray(tmp_
         result = CliRunner().invoke(app, argv)
         assert result.exit_code == 2, (argv, result.output)
         assert "commlab submit --address" in flat(result.output)
+
+
+def test_code_version_on_the_cluster_is_the_clients_commit(monkeypatch):
+    """A job's working dir has no .git: checkpoints and model lineage read the commit that
+    `commlab submit` put in the job's environment."""
+    from commlab.train.checkpoint import code_version
+
+    monkeypatch.setenv("COMMLAB_CODE_VERSION", "0123abcd+dirty")
+    code_version.cache_clear()
+    try:
+        assert code_version() == "0123abcd+dirty"
+    finally:
+        code_version.cache_clear()

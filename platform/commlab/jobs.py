@@ -51,6 +51,7 @@ EXCLUDES = [
 ]
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"
 _DB_SCHEMES = ("postgresql", "mysql", "mssql")
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
@@ -271,7 +272,16 @@ def build_job(
     if not wd.is_dir():
         raise SubmitError(f"--working-dir {wd} is not a directory")
     args, more = prepare_args(kind, args, cwd=cwd, working_dir=wd)
-    env_vars = {TRACKING_ENV: uri}
+    from commlab.train.checkpoint import CODE_VERSION_ENV, code_version
+
+    env_vars = {
+        TRACKING_ENV: uri,
+        # .git does not travel with the job: the cluster records the client's commit
+        CODE_VERSION_ENV: code_version(),
+        # Ray Jobs SIGKILLs a stopped job 3 s after its SIGTERM by default: too short for a
+        # sweep driver to close its MLflow runs and leave Ray (which frees the trials' CPUs)
+        STOP_WAIT_ENV: os.environ.get(STOP_WAIT_ENV, "30"),
+    }
     auth = auth if auth is not None else resolve_auth()
     if auth.mode is not None:
         env_vars["RAY_AUTH_MODE"] = auth.mode

@@ -24,10 +24,20 @@ import torch
 FORMAT = "commlab-checkpoint/1"
 
 
+CODE_VERSION_ENV = "COMMLAB_CODE_VERSION"
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """Git commit of the source tree (with '+dirty' when modified), else the package version."""
+    """Git commit of the source tree (with '+dirty' when modified), else the package version.
+
+    `$COMMLAB_CODE_VERSION` wins: `commlab submit` sets it to the client's commit, because a
+    job's working directory arrives on the cluster without `.git`.
+    """
     import commlab
+
+    if os.environ.get(CODE_VERSION_ENV, "").strip():
+        return os.environ[CODE_VERSION_ENV].strip()
 
     here = Path(commlab.__file__).resolve().parent
     try:
