@@ -290,6 +290,9 @@ def runs(
         typer.Option(help="max | min for --sort (default: the sweep's mode, else by the name)"),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")] = False,
+    wide: Annotated[
+        bool, typer.Option(help="every column: parameters, R/U/S, run ids (default fits 80)")
+    ] = False,
     tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
 ) -> None:
     """List sweeps, or one sweep's trials ranked by its selection metric (best value over
@@ -314,7 +317,7 @@ def runs(
             elif not rows:
                 console.print("no sweeps yet (run `commlab sweep FILE`)")
             else:
-                console.print(sweeps_table(rows))
+                console.print(sweeps_table(rows, wide=wide))
             return
         data = sweep_trials(sweep, tracking_uri, experiment, sort=sort, mode=mode)
     except (QueryError, ValueError) as err:
@@ -322,7 +325,7 @@ def runs(
     if as_json:
         typer.echo(json.dumps(data, indent=1))
     else:
-        console.print(trials_table(data))
+        console.print(trials_table(data, wide=wide))
 
 
 @app.command()

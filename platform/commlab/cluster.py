@@ -186,6 +186,7 @@ def connect(
         ray.init(num_cpus=num_cpus, **init_kwargs)
         return True
     check_reachable(target)
+    cwd = _cwd()
     try:
         ray.init(address=target, **init_kwargs)
     except AuthenticationError as err:
@@ -203,7 +204,36 @@ def connect(
             f"cannot connect to the Ray cluster at {target} ({err}); check that it is up and, "
             f"if it uses token authentication, that {token}"
         ) from None
+    check_working_dir(cwd)
     return True
+
+
+def _cwd() -> str | None:
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return None
+
+
+def check_working_dir(before: str | None) -> None:
+    """Raise when this process's working directory vanished while it connected to Ray.
+
+    Seen with two `ray start` nodes on one machine sharing a temp dir (the default /tmp/ray):
+    a Ray Job's working directory lives under it (runtime_resources), and one node's runtime-env
+    agent deletes what it considers unused when a driver connects; the job then fails on the
+    first file it opens ("No such file or directory: 'search_spaces/...yaml'").
+    """
+    if before is None or os.path.isdir(before):
+        return
+    import ray
+
+    ray.shutdown()
+    raise ClusterError(
+        f"this job's working directory {before} was deleted while it connected to Ray: two Ray "
+        "nodes on one machine share a temp dir (the default /tmp/ray). Start each node on this "
+        "machine with its own --temp-dir (ray start ... --temp-dir /tmp/ray-<node>), or run one "
+        "node per machine"
+    )
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

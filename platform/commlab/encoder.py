@@ -279,6 +279,9 @@ def embed_dataset(
         writer.close()
         writer = None
         os.replace(tmp, out)
+        from commlab.data.parquet import shareable
+
+        shareable(out)  # mkstemp made it 0600
     finally:
         if writer is not None:
             writer.close()

@@ -225,6 +225,9 @@ class MlflowServer:
     url: str
     root: Path
     proc: subprocess.Popen
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    backend: str = ""
 
     def wait_ready(self, timeout_s: float = 120) -> MlflowServer:
         log = self.root / "server.log"
@@ -232,22 +235,39 @@ class MlflowServer:
                   timeout_s, [self.proc], log)  # fmt: skip
         return self
 
+    def start(self) -> MlflowServer:
+        log = (self.root / "server.log").open("a")
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        stop_sessions([self.proc], grace_s=10)
+
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
-    """`mlflow server` on 127.0.0.1: sqlite backend, proxied artifacts, both in a tmp dir.
+    """`mlflow server` on 127.0.0.1 with a PostgreSQL backend (a fresh database, dropped at the
+    end; sqlite when PostgreSQL is unreachable) and proxied artifacts in a tmp dir.
 
     Yields as soon as it is started (it takes a while to come up: request it before the Ray
-    cluster, then call `wait_ready()`).
+    cluster, then call `wait_ready()`). `stop()` / `start()` take it down and bring it back on
+    the same port and database (an outage drill).
     """
+    from tests.tracking.conftest import _postgres_db
+
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
+    pg = _postgres_db()
+    backend = pg[0] if pg else f"sqlite:///{root / 'mlflow.db'}"
     argv = [
         sys.executable,
         "-m",
         "mlflow",
         "server",
-        f"--backend-store-uri=sqlite:///{root / 'mlflow.db'}",
+        f"--backend-store-uri={backend}",
         "--serve-artifacts",
         f"--artifacts-destination={root / 'artifacts'}",
         "--host=127.0.0.1",
@@ -255,15 +275,11 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
         "--workers=1",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    proc = subprocess.Popen(
-        argv,
-        env=env,
-        cwd=root,
-        stdout=(root / "server.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server = MlflowServer(f"http://127.0.0.1:{port}", root, None, argv, env, backend)  # type: ignore[arg-type]
+    server.start()
     try:
-        yield MlflowServer(f"http://127.0.0.1:{port}", root, proc)
+        yield server
     finally:
-        stop_sessions([proc], grace_s=10)
+        server.stop()
+        if pg:
+            pg[1]()

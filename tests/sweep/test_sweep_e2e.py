@@ -185,7 +185,17 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, env):
         timeout=900,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # what a person sees: the driver's progress lines only (no worker output, metric dicts or
+    # Tune banners), then the summary, the next commands and where the store is
+    out = res.stdout
+    for noise in ("RayTrainWorker", "TrainController", "Reporting training result",
+                  "Configuration for experiment", "tensorboard", "core_worker"):  # fmt: skip
+        assert noise not in out, f"{noise!r} in the sweep's output:\n{out[-3000:]}"
+    assert "commlab runs --sweep tiny" in out and "commlab promote --sweep tiny" in out
+    assert f"MLflow store: {tmp_path / 'mlflow.db'}" in out
+    assert "#/experiments/" in out and "/runs" in out
     exp = client.get_experiment_by_name("trifeatures-smoke")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`commlab.kind` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     kids = children(env["uri"], parents[0].info.run_id)

@@ -55,7 +55,7 @@ def test_sweeps_listed_newest_first_with_their_tags(sqlite_uri, sweep):
     assert [r["name"] for r in list_sweeps(sqlite_uri, experiment="toy")] == ["toy-sweep"]
     with pytest.raises(QueryError, match="no MLflow experiment named 'nope'"):
         list_sweeps(sqlite_uri, experiment="nope")
-    table = _text(sweeps_table(rows))
+    table = _text(sweeps_table(rows, wide=True))
     assert "loss-sweep" in table and "val/loss (min)" in table
 
 
@@ -78,7 +78,7 @@ def test_trials_ranked_by_the_sweeps_metric_best_over_history(sqlite_uri, sweep)
     assert all(t["duration_s"] is not None and t["duration_s"] >= 0 for t in trials)
     assert data["sweep"]["trials"] == 4 and data["sweep"]["best_trial_id"] == "t2"
 
-    table = _text(trials_table(data))
+    table = _text(trials_table(data, wide=True))
     lines = [line for line in table.splitlines() if line.strip().startswith("│ t")]
     assert [line.split()[1] for line in lines] == ["t2", "t0", "t1", "t3"]
     assert "t2 *" in table  # the sweep's own best trial is marked
@@ -119,8 +119,14 @@ def test_find_sweep_by_name_or_run_id_and_clear_errors(sqlite_uri, sweep):
         find_sweep(client, "nope")
     with pytest.raises(QueryError, match="no sweep named"):
         find_sweep(client, sweep.trials["t0"])  # a run id, but not a sweep's
-    twin = make_sweep(sqlite_uri, "toy-sweep", [], experiment="elsewhere")
-    with pytest.raises(QueryError, match="2 sweeps are named 'toy-sweep'.*--experiment"):
+    # a namesake without trials (its driver died before any started) is not ambiguous
+    orphan = make_sweep(sqlite_uri, "toy-sweep", [], experiment="orphans")
+    assert find_sweep(client, "toy-sweep").info.run_id == sweep.run_id
+    assert orphan.run_id != sweep.run_id
+    twin = make_sweep(
+        sqlite_uri, "toy-sweep", [TrialSpec("y", history=[0.5])], experiment="elsewhere"
+    )
+    with pytest.raises(QueryError, match="3 sweeps are named 'toy-sweep'.*--experiment"):
         find_sweep(client, "toy-sweep")
     assert find_sweep(client, "toy-sweep", experiment="elsewhere").info.run_id == twin.run_id
 
@@ -144,7 +150,7 @@ def test_cli_runs_json_and_tables(sqlite_uri, sweep, monkeypatch):
     monkeypatch.setattr(commlab.cli, "console", Console(width=300))
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "t2 *" in result.stdout and "sorted by probe/mean/balanced_acc" in result.stdout
+    assert "t2 *" in result.stdout and "sorted by the best probe/mean/balanced_acc" in result.stdout
     result = runner.invoke(app, ["runs", "--tracking-uri", sqlite_uri])
     assert result.exit_code == 0 and "toy-sweep" in result.stdout
 
@@ -185,3 +191,36 @@ def test_ui_command(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     result = runner.invoke(app, ["ui"])
     assert result.exit_code == 0 and "http://127.0.0.1:5999" in result.stdout
+
+
+def test_runs_tables_fit_80_columns_and_wide_shows_everything(sqlite_uri, sweep):
+    """At 80 columns every cell of the default tables is whole (no 1-3 character stubs)."""
+    from rich.console import Console
+
+    def render(renderable, width):
+        console = Console(width=width, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+        console.print(renderable)
+        return console.export_text()
+
+    data = sweep_trials("toy-sweep", sqlite_uri)
+    narrow = render(trials_table(data), 80)
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    rows = [line for line in narrow.splitlines() if line.startswith("│ t")]
+    assert [r.split("│")[1].strip() for r in rows] == ["t2 *", "t0", "t1", "t3"]
+    assert [r.split("│")[2].strip() for r in rows] == ["KILLED", "FINISHED", "FINISHED", "FAILED"]
+    assert "0.7000" in narrow and "--wide" in narrow
+    sweeps = render(sweeps_table(list_sweeps(sqlite_uri)), 80)
+    assert max(len(line) for line in sweeps.splitlines()) <= 80
+    assert "toy-sweep" in sweeps and "FINISHED" in sweeps
+    wide = render(trials_table(data, wide=True), 300)
+    assert sweep.trials["t0"] in wide and "optim.lr" in wide
+
+
+def test_early_stopped_trials_show_as_stopped_not_failed(sqlite_uri, sweep):
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(sqlite_uri).set_tag(sweep.trials["t1"], "commlab.stopped_early", "true")
+    data = sweep_trials("toy-sweep", sqlite_uri)
+    t1 = next(t for t in data["trials"] if t["trial_id"] == "t1")
+    assert t1["status"] == "FINISHED" and t1["stopped_early"]
+    assert "STOPPED" in _text(trials_table(data))

@@ -81,6 +81,24 @@ def pool_file(pool: str) -> str:
 
 
 # ---------------------------------------------------------------- writing
+def shareable(path: str | Path) -> Path:
+    """Give `path` the permissions a plain `open()` / `mkdir()` would (umask applied).
+
+    `tempfile.mkdtemp` / `mkstemp` create 0700 / 0600 so nobody sees a half-written result;
+    once the result is complete and renamed into place it should be as readable as any other
+    file the user writes (a dataset shared with other users or a Ray node's user)."""
+    path = Path(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    if path.is_dir():
+        path.chmod(0o777 & ~umask)
+        for p in path.rglob("*"):
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+    else:
+        path.chmod(0o666 & ~umask)
+    return path
+
+
 def write_dataset(
     ds: MultimodalDataset,
     out_dir: str | Path,
@@ -100,6 +118,7 @@ def write_dataset(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write_into(ds, tmp, params or {})
+        shareable(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -255,7 +274,7 @@ def read_dataset(path: str | Path) -> MultimodalDataset:
     """
     root = Path(path)
     schema = read_schema(root)
-    table = pq.read_table(root / SAMPLES_FILE)
+    table = _read_table(root / SAMPLES_FILE)
     problems = _check_samples_table(schema, table)
     if problems:
         raise DatasetFormatError(f"{root}: " + "; ".join(problems))
@@ -279,6 +298,20 @@ def read_dataset(path: str | Path) -> MultimodalDataset:
     return MultimodalDataset(modalities, labels, tasks, splits, fingerprint=schema["fingerprint"])
 
 
+def _read_table(f: Path) -> pa.Table:
+    """`pq.read_table`, with a damaged file (bad compression block, truncated footer) as one
+    `DatasetFormatError` that says what to do instead of pyarrow's traceback."""
+    try:
+        return pq.read_table(f)
+    except (pa.ArrowException, OSError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise DatasetFormatError(
+            f"{f} is damaged and cannot be read ({type(err).__name__}: {reason}); re-create the "
+            f"dataset (generate or import it again) or restore the file; `commlab data validate "
+            f"{f.parent}` lists every problem"
+        ) from None
+
+
 def _column_numpy(table: pa.Table, name: str) -> np.ndarray:
     return np.asarray(table.column(name).to_numpy(zero_copy_only=False))
 
@@ -297,11 +330,18 @@ def _read_pool(root: Path, entry: dict[str, Any]) -> tuple[Tensor, Tensor | None
     f = root / pool_file(entry["pool"])
     if not f.is_file():
         raise DatasetFormatError(f"{root}: missing {f.name} (modality '{entry['name']}')")
-    table = pq.read_table(f)
+    table = _read_table(f)
     problems = _check_pool(entry, table.schema, table.num_rows)
     if problems:
         raise DatasetFormatError(f"{f}: " + "; ".join(problems))
     values = _column_tensor(table.column("value"), entry["shape"], entry["dtype"])
+    if values.is_floating_point() and not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise DatasetFormatError(
+            f"{f}: modality '{entry['name']}' holds {bad} NaN/inf values; the data, not the "
+            "training, is the problem: fix or re-import the source (importers take "
+            "-o nonfinite=zero) and check it with `commlab data validate`"
+        )
     lengths = None
     if entry["variable_length"]:
         lengths = torch.from_numpy(_column_numpy(table, "length").copy()).to(
@@ -418,12 +458,14 @@ def _validate_pool(root: Path, entry: dict[str, Any]) -> list[str]:
         ]
         if problems:
             return problems
+        # Read every column: a damaged compression block shows only when its page is decoded
+        data = pf.read()
         if entry["dtype"].startswith("float"):
-            col = pf.read(columns=["value"]).column("value").combine_chunks()
+            col = data.column("value").combine_chunks()
             if not np.isfinite(col.flatten().to_numpy(zero_copy_only=False)).all():
                 problems.append(f"modality '{entry['name']}': pool holds NaN or inf")
         if entry["variable_length"]:
-            lengths = _column_numpy(pf.read(columns=["length"]), "length")
+            lengths = _column_numpy(data, "length")
             if lengths.size and (lengths.min() < 0 or lengths.max() > entry["shape"][0]):
                 problems.append(
                     f"modality '{entry['name']}': lengths outside [0, {entry['shape'][0]}]"

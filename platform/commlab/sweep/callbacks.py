@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -46,7 +47,7 @@ class CloseChildRuns(Callback):
             finish_run(ref, status)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        epochs = (trial.last_result or {}).get("training_iteration", 0)
+        epochs = epochs_done(trial.last_result or {})
         if epochs >= self.max_epochs:
             self._close(trial, "FINISHED")
         else:
@@ -54,6 +55,15 @@ class CloseChildRuns(Callback):
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._close(trial, "FAILED")
+
+
+def epochs_done(result: dict[str, Any]) -> int:
+    """Epochs a trial has trained: its own 0-based `epoch` metric + 1 (Tune's
+    training_iteration restarts when a resumed trial continues from its checkpoint)."""
+    epoch = result.get("epoch")
+    if isinstance(epoch, int | float) and not isinstance(epoch, bool):
+        return int(epoch) + 1
+    return int(result.get("training_iteration", 0) or 0)
 
 
 class ProgressView(Callback):
@@ -73,7 +83,7 @@ class ProgressView(Callback):
         self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
     ) -> None:
         value = result.get(self.metric)
-        self.max_iter[trial.trial_id] = int(result.get("training_iteration", 0))
+        self.max_iter[trial.trial_id] = epochs_done(result)
         if isinstance(value, int | float) and not math.isnan(value):
             better = self.best is None or (
                 value > self.best[0] if self.mode == "max" else value < self.best[0]
@@ -82,7 +92,7 @@ class ProgressView(Callback):
                 self.best = (float(value), trial.trial_id)
         self._line(
             trials,
-            f"{trial.trial_id} epoch {result.get('training_iteration')}: {self.metric}={_fmt(value)}",
+            f"{trial.trial_id} epoch {epochs_done(result)}: {self.metric}={_fmt(value)}",
         )
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -91,8 +101,14 @@ class ProgressView(Callback):
         self._line(trials, f"{trial.trial_id} {self.ended[trial.trial_id]} after {epochs} epoch(s)")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        from rich.markup import escape
+
         self.ended[trial.trial_id] = "failed"
-        self._line(trials, f"[red]{trial.trial_id} failed[/]")
+        # Worker output is not streamed to the driver: say why, and where the whole error is
+        reason = _last_line(getattr(trial, "error_file", None))
+        path = getattr(trial, "path", None) or getattr(trial, "local_path", None) or ""
+        detail = f": {escape(reason)}" if reason else ""
+        self._line(trials, f"[red]{trial.trial_id} failed[/]{detail} (error.txt in {path})")
 
     def _line(self, trials: list[Any], event: str) -> None:
         counts = {"running": 0, "pending": 0, "done": 0, "stopped": 0, "failed": 0}
@@ -114,6 +130,14 @@ def _console() -> Console:
     if _CONSOLE is None:
         _CONSOLE = Console()
     return _CONSOLE
+
+
+def _last_line(error_file: Any) -> str:
+    try:
+        lines = [ln for ln in Path(error_file).read_text().splitlines() if ln.strip()]
+    except (OSError, TypeError):
+        return ""
+    return lines[-1].strip()[:300] if lines else ""
 
 
 def _fmt(value: Any) -> str:

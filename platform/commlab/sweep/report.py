@@ -154,31 +154,69 @@ def finish_parent(space: LoadedSpace, parent: Any, result: Any, console: Console
         )
         logger.log_artifacts(Path(tmp) / "plots", "plots")
     finish_run(parent, "FINISHED")
-    print_summary(result, spec.metric, console)
+    print_summary(result, spec.metric, console, space.max_epochs)
+    print_next_steps(space, parent, result, console)
 
 
-def print_summary(result: Any, metric: str, console: Console) -> None:
+def trial_state(t: dict[str, Any], max_epochs: int) -> str:
+    if t.get("error"):
+        return "failed"
+    return "done" if (t.get("iterations") or 0) >= max_epochs else "stopped early"
+
+
+def print_summary(result: Any, metric: str, console: Console, max_epochs: int = 0) -> None:
+    """One row per trial: its state, epochs and the best value over its history (what
+    `commlab runs` and `commlab promote` rank by)."""
     table = Table(
         title=f"sweep {result.name}: {len(result.trials)} trials in {result.wall_seconds:.0f}s"
     )
-    table.add_column("trial")
+    table.add_column("trial", no_wrap=True)
+    table.add_column("state", no_wrap=True)
     table.add_column("epochs", justify="right")
-    table.add_column(metric, justify="right")
+    table.add_column(f"best {metric}", justify="right")
     table.add_column("params")
+    styles = {"done": "green", "stopped early": "dim", "failed": "red"}
     for t in result.trials:
         mark = " *" if t["trial_id"] == result.best_trial_id else ""
-        value = t["metric"]
+        state = trial_state(t, max_epochs)
         table.add_row(
             f"{t['trial_id']}{mark}",
+            f"[{styles[state]}]{state}[/]",
             str(t["iterations"] or 0),
-            _fmt(value),
+            _fmt(t["metric"]),
             ", ".join(f"{k}={_short(v)}" for k, v in t["config"].items()),
         )
     console.print(table)
     if result.best_trial_id:
         console.print(
-            f"best: {result.best_trial_id} {metric}={_fmt(result.best_metric)}  checkpoint {result.best_checkpoint}"
+            f"best: {result.best_trial_id} {metric}={_fmt(result.best_metric)}  "
+            f"checkpoint {result.best_checkpoint}",
+            soft_wrap=True,
         )
+
+
+def print_next_steps(space: LoadedSpace, parent: Any, result: Any, console: Console) -> None:
+    """What to run next, and where the results are."""
+    from commlab.tracking.runs import experiment_url
+
+    uri = parent.tracking_uri
+    model = f"{space.base.model.method}-{space.base.name}"
+    where = (
+        f"MLflow store: {uri[len('sqlite:///') :]} (sqlite; artifacts in mlartifacts/ beside it)"
+        if uri.startswith("sqlite:///")
+        else f"MLflow store: {uri}"
+    )
+    lines = [
+        "next:",
+        f"  commlab runs --sweep {result.name}        # the trials, ranked",
+        f"  commlab ui                                # then open {experiment_url(uri, parent.experiment_id)}",
+        f"  commlab promote --sweep {result.name} --model {model} --alias champion",
+        where,
+    ]
+    if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///") :]).parent != Path.cwd():
+        lines.append(f"  (from another directory add --tracking-uri {uri})")
+    for line in lines:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _fmt(v: Any) -> str:

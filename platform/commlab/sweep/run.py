@@ -137,8 +137,26 @@ def _connect(space: LoadedSpace, address: str | None, embedded: bool) -> bool:
         cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(space)))
         # A loaded machine can take more than Ray's default 60 s to start a worker group.
         os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-        return connect(None, num_cpus=cpus + space.spec.max_concurrent_trials)
-    return connect(address)
+        return connect(None, num_cpus=cpus + space.spec.max_concurrent_trials, log_to_driver=False)
+    # Worker output stays in Ray's log files: each rank's epoch lines, Train's metric dicts
+    # and Ray's own warnings would bury the sweep's one-line-per-event progress view.
+    return connect(address, log_to_driver=False)
+
+
+def _quiet_libraries() -> None:
+    """Tune's experiment banner and TensorBoard hint (its new output engine ignores
+    verbose=0), its INFO lines and Optuna's study banner: the progress view says it all."""
+    import logging
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in ("ray.tune", "ray.train", "ray.air"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:
+        pass
 
 
 @contextlib.contextmanager
@@ -218,6 +236,13 @@ def run_sweep(
 
     console = console or Console()
     space = load_space(path)  # reads every file the sweep needs before Ray connects
+    from commlab.cluster import check_reachable, resolve_address
+
+    uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
+    check_tracking_uri(uri)  # before anything slow: an unreachable store or cluster fails now
+    target = resolve_address(address)
+    if target is not None:
+        check_reachable(target)
     # Tune runs each trial in its own directory: resolve a relative data path here, once.
     data = space.base_raw.setdefault("data", {})
     if "://" not in space.base.data.path and not Path(space.base.data.path).is_absolute():
@@ -232,12 +257,8 @@ def run_sweep(
     exp_path = f"{root.rstrip('/')}/{sweep_name}"
     if resume and "://" not in root and not Path(exp_path).is_dir():
         raise FileNotFoundError(f"--resume: no sweep at {exp_path}")
-    uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
-    check_tracking_uri(uri)
     spec = space.spec
-    from commlab.cluster import resolve_address
-
-    embedded = resolve_address(address) is None
+    embedded = target is None
     if embedded:
         check_resources(space, _local_resources())
         others = _other_ray_instances()
@@ -248,6 +269,7 @@ def run_sweep(
                 "tell the two apart, so stopped trials may keep their CPUs and stall the sweep. "
                 "Stop the other instance, or join it with --address."
             )
+    _quiet_libraries()
     started = _connect(space, address, embedded)
     t0 = time.perf_counter()
     parent = None
@@ -436,21 +458,35 @@ def _summarise(
     trials = []
     for r in grid:
         df = r.metrics_dataframe
+        # Epochs count from the trial's own `epoch` metric (0-based): Tune's
+        # training_iteration restarts when a resumed trial continues from a checkpoint.
+        steps = "epoch" if df is not None and "epoch" in df else "training_iteration"
         history = (
             []
             if df is None or spec.metric not in df
             else [
-                (int(i), float(v))
-                for i, v in zip(df["training_iteration"], df[spec.metric], strict=True)
+                (int(i) + (1 if steps == "epoch" else 0), float(v))
+                for i, v in zip(df[steps], df[spec.metric], strict=True)
                 if v == v
             ]
         )
+        metrics = r.metrics or {}
+        epochs = (
+            int(metrics["epoch"]) + 1
+            if isinstance(metrics.get("epoch"), int | float)
+            else metrics.get("training_iteration")
+        )
+        values = [v for _, v in history]
         trials.append(
             {
-                "trial_id": (r.metrics or {}).get("trial_id"),
+                "trial_id": metrics.get("trial_id"),
                 "config": {k: v for k, v in (r.config or {}).items()},
-                "metric": (r.metrics or {}).get(spec.metric),
-                "iterations": (r.metrics or {}).get("training_iteration"),
+                # the best over the trial's history: the rule of `commlab runs` and promote
+                "metric": (max(values) if spec.mode == "max" else min(values))
+                if values
+                else metrics.get(spec.metric),
+                "last": metrics.get(spec.metric),
+                "iterations": epochs,
                 "train_seconds": (r.metrics or {}).get("time_total_s"),
                 "checkpoint": (r.metrics or {}).get("checkpoint_path"),
                 "error": str(r.error) if r.error else None,

@@ -176,6 +176,11 @@ def find_sweep(client: MlflowClient, sweep: str, experiment: str | None = None) 
         where = f" in experiment {experiment!r}" if experiment else ""
         raise QueryError(f"no sweep named {sweep!r}{where}; sweeps: {known or 'none'}")
     if len(runs) > 1:
+        # A parent left without trials (its driver died before any trial started) is not a
+        # sweep anyone means: when exactly one of the namesakes has trials, that is the one.
+        with_trials = [r for r in runs if children(client, r)]
+        if len(with_trials) == 1:
+            return with_trials[0]
         listing = "; ".join(
             f"{r.info.run_id} (experiment {client.get_experiment(r.info.experiment_id).name})"
             for r in runs
@@ -224,6 +229,7 @@ def trial_row(client: MlflowClient, run: Run, metric: str, mode: str) -> dict[st
         "start_time": run.info.start_time,
         "duration_s": _duration_s(run),
         "error": tags.get("commlab.error"),
+        "stopped_early": tags.get("commlab.stopped_early") == "true",
     }
 
 
@@ -287,69 +293,98 @@ def _duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-_STATUS_STYLE = {"FINISHED": "green", "RUNNING": "yellow", "FAILED": "red", "KILLED": "dim"}
+_STATUS_STYLE = {
+    "FINISHED": "green", "STOPPED": "dim", "RUNNING": "yellow", "FAILED": "red", "KILLED": "dim",
+}  # fmt: skip
 
 
-def sweeps_table(rows: list[dict[str, Any]]) -> Any:
+def _status(row: dict[str, Any]) -> str:
+    """FINISHED, or STOPPED for a trial the scheduler stopped early (FINISHED in MLflow)."""
+    status = "STOPPED" if row.get("stopped_early") else row["status"]
+    style = _STATUS_STYLE.get(status, "")
+    return f"[{style}]{status}[/]" if style else status
+
+
+def sweeps_table(rows: list[dict[str, Any]], wide: bool = False) -> Any:
+    """The sweeps. Narrow (default) fits 80 columns: name, status, trials, best value and
+    duration; `wide` adds experiment, metric and best trial (all of it: `--json`)."""
     from rich.table import Table
 
     table = Table(title=f"{len(rows)} sweep(s)")
-    table.add_column("sweep", no_wrap=True)  # what --sweep takes; run ids are in --json
-    for col, justify in [
-        ("experiment", "left"), ("status", "left"), ("trials", "right"),
-        ("metric", "left"), ("best", "right"), ("best trial", "left"), ("duration", "right"),
-    ]:  # fmt: skip
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    table.add_column("sweep", no_wrap=True, overflow="fold")  # what --sweep takes
+    if wide:
+        table.add_column("experiment")
+    table.add_column("status", no_wrap=True)
+    table.add_column("trials", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("metric")
+    table.add_column("best", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("best trial", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
     for r in rows:
-        style = _STATUS_STYLE.get(r["status"], "")
-        table.add_row(
-            r["name"],
-            r["experiment"],
-            f"[{style}]{r['status']}[/]" if style else r["status"],
-            _fmt(r["trials"]),
-            f"{r['metric'] or '-'} ({r['mode'] or '-'})",
-            _fmt(r["best_metric"]),
-            r["best_trial_id"] or "-",
-            _duration(r["duration_s"]),
-        )
+        best = _fmt(r["best_metric"])
+        if not wide and r["metric"]:
+            best = f"{best} {_short_metric(r['metric'])}"
+        cells = [r["name"]] + ([r["experiment"]] if wide else [])
+        cells += [_status(r), _fmt(r["trials"])]
+        cells += [f"{r['metric'] or '-'} ({r['mode'] or '-'})"] if wide else []
+        cells += [best] + ([r["best_trial_id"] or "-"] if wide else [])
+        cells.append(_duration(r["duration_s"]))
+        table.add_row(*cells)
     return table
 
 
-def trials_table(data: dict[str, Any]) -> Any:
+def _short_metric(metric: str) -> str:
+    """`probe/mean/balanced_acc` -> `mean/balanced_acc` (the narrow table's unit)."""
+    parts = metric.split("/")
+    return "/".join(parts[1:]) if len(parts) > 2 else metric
+
+
+def trials_table(data: dict[str, Any], wide: bool = False) -> Any:
+    """One sweep's trials, best first. Narrow (default) fits 80 columns: trial, status,
+    epochs, best value of the metric, duration; `wide` adds every swept parameter, the R/U/S
+    scores and the run id (`--json` has everything)."""
     from rich.table import Table
 
     sweep, trials = data["sweep"], data["trials"]
-    params = sorted({k for t in trials for k in t["params"]})
-    axes = sorted({k for t in trials for k in t["rus"]})
-    title = (
-        f"sweep {sweep['name']} ({sweep['status']}, {len(trials)} trials): "
-        f"sorted by {data['metric']} ({data['mode']}, best over each trial's history)"
+    params = sorted({k for t in trials for k in t["params"]}) if wide else []
+    axes = sorted({k for t in trials for k in t["rus"]}) if wide else []
+    header = (
+        f"sweep {sweep['name']} ({sweep['status']}, {len(trials)} trials), sorted by the best "
+        f"{data['metric']} ({data['mode']}) over each trial's epochs"
     )
-    table = Table(title=title)
-    table.add_column("trial")
-    table.add_column("status")
-    table.add_column("epochs", justify="right")
-    table.add_column(data["metric"], justify="right")
+    table = Table()
+    table.add_column("trial", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("epochs", justify="right", no_wrap=True)
+    table.add_column("best" if not wide else data["metric"], justify="right", no_wrap=True)
     for p in params:
         table.add_column(p.replace("augment.modalities.", "aug."), justify="right")
     for a in axes:
         table.add_column(a[:3].upper() if a else a, justify="right")
-    table.add_column("duration", justify="right")
-    table.add_column("run id", no_wrap=True, min_width=32)  # whole: load_encoder takes it
+    table.add_column("time", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("run id", no_wrap=True, min_width=32)  # whole: load_encoder takes it
     best = sweep.get("best_trial_id")
     for t in trials:
-        style = _STATUS_STYLE.get(t["status"], "")
-        table.add_row(
+        cells = [
             f"{t['trial_id']}{' *' if t['trial_id'] == best else ''}",
-            f"[{style}]{t['status']}[/]" if style else t["status"],
+            _status(t),
             str(t["epochs"]),
             _fmt(t["value"]),
             *[_fmt(t["params"].get(p)) for p in params],
             *[_fmt(t["rus"].get(a), 3) for a in axes],
             _duration(t["duration_s"]),
-            t["run_id"],
-        )
-    return table
+        ]
+        table.add_row(*cells, *([t["run_id"]] if wide else []))
+    from rich.console import Group
+    from rich.text import Text
+
+    parts: list[Any] = [Text(header), table]
+    if not wide:
+        parts.append(Text("--wide: parameters, R/U/S and run ids; --json: everything"))
+    return Group(*parts)
 
 
 # ---------------------------------------------------------------- the MLflow UI

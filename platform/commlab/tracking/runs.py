@@ -130,20 +130,37 @@ def artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview (traces) unless the experiment says
+# it holds model training; commlab's experiments do, so they open on their runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return str(exp.experiment_id)
     try:
-        return str(client.create_experiment(name, artifact_location(tracking_uri)))
+        exp_id = str(client.create_experiment(name, artifact_location(tracking_uri)))
     except MlflowException:
         # another process created it between our lookup and create
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return str(exp.experiment_id)
+    client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp_id
+
+
+def experiment_url(tracking_uri: str, experiment_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The experiment's training-runs page: on the server itself for http(s) stores, else on
+    `commlab ui` (default address)."""
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else ui
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 FORMAT = "commlab-checkpoint/1"
+CHECKPOINT_NAME = "checkpoint.pt"  # the file name inside a checkpoint directory
 
 
 CODE_VERSION_ENV = "COMMLAB_CODE_VERSION"
@@ -129,13 +130,34 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read back (truncated, overwritten, not a checkpoint)."""
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a commlab checkpoint (a directory means its checkpoint.pt); an unreadable file
+    raises `CorruptCheckpointError` naming the file and what to do."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is unreadable (truncated or corrupt: {reason}); restore it from "
+            "a copy, or start afresh without --resume"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a commlab checkpoint (format {FORMAT})")
+        raise CorruptCheckpointError(f"{path} is not a commlab checkpoint (format {FORMAT})")
     return ckpt
+
+
+def is_readable(path: str | Path) -> bool:
+    try:
+        load_checkpoint(path)
+    except (CorruptCheckpointError, FileNotFoundError):
+        return False
+    return True

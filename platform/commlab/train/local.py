@@ -92,6 +92,8 @@ def pretrain_local(
         out = base
     else:
         out = _fresh_dir(base)
+    if resume:  # an unreadable checkpoint fails here, before the MLflow run is touched
+        load_checkpoint(out / "checkpoint.pt")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
 

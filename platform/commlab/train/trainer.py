@@ -184,6 +184,8 @@ def pretrain_ray(
     storage = storage_root(cfg, settings)
     name = resolve_run_name(storage, cfg.name, settings)
     run_dir = f"{storage.rstrip('/')}/{name}"
+    if settings.resume and "://" not in storage:
+        fall_back_to_intact_checkpoint(run_dir, console)
     started = connect(settings.address)
     ref = None
     try:
@@ -236,6 +238,41 @@ def pretrain_ray(
             import ray
 
             ray.shutdown()
+
+
+def fall_back_to_intact_checkpoint(run_dir: str, console: Console) -> None:
+    """Before resuming a Ray Train run: when its latest checkpoint is unreadable (a truncated
+    copy, a full disk), resume from the newest intact one instead.
+
+    Ray Train always hands workers its *latest* reported checkpoint and has no notion of a
+    damaged one (nor a supported way to pick another), so the intact files are copied into the
+    latest checkpoint's directory and the damaged file is kept beside them as
+    `checkpoint.pt.corrupt`. The state carries its own epoch: training continues from there.
+    """
+    import shutil
+
+    from commlab.train.checkpoint import CHECKPOINT_NAME, CorruptCheckpointError, is_readable
+
+    dirs = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+    if not dirs or is_readable(dirs[-1] / CHECKPOINT_NAME):
+        return
+    latest = dirs[-1]
+    intact = next((d for d in reversed(dirs[:-1]) if is_readable(d / CHECKPOINT_NAME)), None)
+    if intact is None:
+        raise CorruptCheckpointError(
+            f"--resume: the latest checkpoint {latest / CHECKPOINT_NAME} is unreadable and no "
+            f"earlier intact one is kept in {run_dir}; start afresh without --resume"
+        )
+    bad = latest / CHECKPOINT_NAME
+    if bad.exists():
+        bad.replace(latest / f"{CHECKPOINT_NAME}.corrupt")
+    for f in intact.iterdir():
+        if f.is_file() and f.suffix == ".pt":
+            shutil.copy2(f, latest / f.name)
+    console.print(
+        f"[yellow]warning:[/] checkpoint {bad} is unreadable (kept as {bad.name}.corrupt); "
+        f"resuming from the previous intact checkpoint {intact.name}"
+    )
 
 
 def _finish(ref: Any, status: str, error: str | None = None) -> None:
