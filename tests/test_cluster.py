@@ -371,3 +371,17 @@ def test_code_version_on_the_cluster_is_the_clients_commit(monkeypatch):
         assert code_version() == "0123abcd+dirty"
     finally:
         code_version.cache_clear()
+
+
+def test_a_working_directory_deleted_while_connecting_is_named_with_the_fix(tmp_path, monkeypatch):
+    """Two nodes on one machine sharing a temp dir delete a job's working directory when its
+    driver connects; the driver says so instead of failing on the next file it opens."""
+    from commlab.cluster import ClusterError, check_working_dir
+
+    wd = tmp_path / "working_dir_files" / "_ray_pkg_x"
+    wd.mkdir(parents=True)
+    monkeypatch.chdir(wd)
+    check_working_dir(str(wd))  # still there: nothing to say
+    wd.rmdir()
+    with pytest.raises(ClusterError, match="share a temp dir .* own --temp-dir"):
+        check_working_dir(str(wd))

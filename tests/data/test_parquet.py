@@ -284,3 +284,19 @@ def test_pool_dtypes_survive(tmp_path: Path, dtype: torch.dtype) -> None:
         back.modalities[0].values, values
     )
     assert back.labels["y"].dtype == torch.float64
+
+
+def test_written_dataset_has_ordinary_permissions(tmp_path: Path) -> None:
+    """Written through a private temp dir (mkdtemp: 0700), the finished dataset is as readable
+    as anything else the user writes (the umask decides), e.g. by a Ray node's user."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = write_dataset(make_dataset(), tmp_path / "ds")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)

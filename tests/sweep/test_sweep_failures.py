@@ -1,0 +1,108 @@
+"""How a sweep ends when it cannot finish: resources, signals, failed resumes (real sqlite
+MLflow store, real search-space files; no Ray cluster needed)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from commlab.data.parquet import write_dataset
+from commlab.sweep.run import (
+    _close_after_failure,
+    _open_parent,
+    _sigterm_interrupts,
+    fit_concurrency,
+)
+from commlab.sweep.space import load_space
+from commlab.tracking.runs import RunRef, finish_run, open_run
+from tests.conftest import toy_config, toy_sequence_dataset
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def space(tmp_path):
+    data = write_dataset(toy_sequence_dataset(), tmp_path / "data")
+    raw = toy_config().model_dump(mode="json")
+    raw["data"] = {"name": "parquet", "path": str(data), "batch_size": 16}
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump(raw))
+    spec = {
+        "name": "fail",
+        "base": str(tmp_path / "toy.yaml"),
+        "metric": "probe/cls/balanced_acc",
+        "mode": "max",
+        "num_samples": 4,
+        "max_concurrent_trials": 3,
+        "scheduler": {"name": "none"},
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+        "params": {"optim.lr": {"dist": "loguniform", "low": 1e-4, "high": 1e-2}},
+    }
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(spec))
+    return load_space(tmp_path / "space.yaml")
+
+
+def test_concurrency_fits_the_cluster_counting_each_trials_driver(space):
+    # 3 trials x (1 driver CPU + 1 worker CPU) = 6 CPUs: a 2 x 2-CPU cluster runs 2 at a time
+    assert fit_concurrency(space, {"CPU": 4.0}) == 2
+    assert fit_concurrency(space, {"CPU": 2.0}) == 1  # the case that deadlocked
+    assert fit_concurrency(space, {"CPU": 64.0}) == 3
+    with pytest.raises(ValueError, match="1 CPU for its driver .* = 2 CPUs, the cluster has 1"):
+        fit_concurrency(space, {"CPU": 1.0})
+
+
+def test_sigterm_interrupts_the_sweep_like_ctrl_c():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), _sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # interrupted by the handler at once
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _child(parent: RunRef, trial: str, status: str) -> str:
+    ref, _ = open_run(
+        parent.tracking_uri, "toy", f"trial:{trial}", f"trial-{trial}", {},
+        tags={"mlflow.parentRunId": parent.run_id, "ray.trial_id": trial},
+    )  # fmt: skip
+    if status != "RUNNING":
+        finish_run(ref, status)
+    return ref.run_id
+
+
+def test_an_interrupted_sweep_leaves_no_run_running(space, sqlite_uri):
+    parent, previous = _open_parent(space, "fail", "/sweeps/fail", sqlite_uri)
+    assert previous is None
+    running = _child(parent, "a", "RUNNING")
+    done = _child(parent, "b", "FINISHED")
+    _close_after_failure(parent, KeyboardInterrupt("signal 15"), None)
+    client = MlflowClient(sqlite_uri)
+    assert client.get_run(parent.run_id).info.status == "KILLED"
+    assert client.get_run(running).info.status == "KILLED"
+    assert client.get_run(done).info.status == "FINISHED"
+
+
+def test_a_failed_resume_keeps_a_finished_sweep_finished(space, sqlite_uri):
+    parent, _ = _open_parent(space, "fail", "/sweeps/fail", sqlite_uri)
+    finish_run(parent, "FINISHED")
+    again, previous = _open_parent(space, "fail", "/sweeps/fail", sqlite_uri)  # --resume
+    assert again.run_id == parent.run_id and previous == "FINISHED"
+    _close_after_failure(again, RuntimeError("no tuner state"), previous)
+    run = MlflowClient(sqlite_uri).get_run(parent.run_id)
+    assert run.info.status == "FINISHED"
+    assert "no tuner state" in run.data.tags["commlab.resume_error"]
+
+
+def test_search_space_is_read_before_ray_connects(space, tmp_path):
+    """The file is kept as read: on a cluster whose nodes share a temp dir the job's working
+    directory (and the file in it) can vanish once the driver connects."""
+    text = Path(space.path).read_text()
+    Path(space.path).unlink()
+    assert space.text == text
