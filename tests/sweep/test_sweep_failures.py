@@ -106,3 +106,12 @@ def test_search_space_is_read_before_ray_connects(space, tmp_path):
     text = Path(space.path).read_text()
     Path(space.path).unlink()
     assert space.text == text
+
+
+def test_a_worker_group_that_never_starts_ends_the_run(space, tmp_path):
+    """Ray Train's default retries a worker group that cannot get its resources forever (the
+    trial shows RUNNING); commlab caps it at a few start timeouts."""
+    from commlab.train.trainer import CONTROLLER_FAILURE_LIMIT, RayTrainSettings, build_trainer
+
+    t = build_trainer(space.base, RayTrainSettings(), name="n", storage_path=str(tmp_path))
+    assert t.run_config.failure_config.controller_failure_limit == CONTROLLER_FAILURE_LIMIT > 0

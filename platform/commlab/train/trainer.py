@@ -24,6 +24,8 @@ from commlab.cluster import connect, resolve_address
 from commlab.config import ExperimentConfig, flatten
 from commlab.train.loop import NonFiniteLossError
 
+CONTROLLER_FAILURE_LIMIT = 5
+
 
 class RayTrainSettings(BaseModel):
     """How a pretraining run executes on Ray (not what it trains)."""
@@ -159,7 +161,13 @@ def build_trainer(
             name=name,
             storage_path=storage_path,
             callbacks=callbacks or None,
-            failure_config=ray.train.FailureConfig(max_failures=settings.max_failures),
+            # Ray's default retries a worker group that cannot start (resources never free)
+            # without end while the run shows RUNNING; give up after a few start timeouts
+            # ($RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S each, 60 s by default) instead.
+            failure_config=ray.train.FailureConfig(
+                max_failures=settings.max_failures,
+                controller_failure_limit=CONTROLLER_FAILURE_LIMIT,
+            ),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=settings.num_to_keep,
                 checkpoint_score_attribute=settings.selection_metric,
