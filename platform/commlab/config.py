@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 PosFloat = Annotated[float, Field(gt=0.0)]
@@ -204,14 +204,32 @@ class OptimConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """How a run executes. Speed settings (precision, compile, fusion, channels_last) change
+    the numbers only within floating-point rounding, never the method."""
+
     epochs: PosInt = 10
     probe_every: Annotated[int, Field(ge=0)] = 5  # 0: only after the last epoch
     max_steps_per_epoch: PosInt | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # bf16-mixed: autocast to bfloat16 (weights, optimiser and loss stay float32); auto: whichever
+    # of the two a cached once-per-device measurement found faster (commlab.perf)
+    precision: Literal["fp32", "bf16-mixed", "auto"] = "fp32"
+    compile: bool = False  # torch.compile the model's training step
+    # CoMM's n_mod+1 masked fusion passes: one packed forward, one forward per mask, or the
+    # faster of the two as measured once per device and model shape (cached)
+    fusion: Literal["auto", "packed", "sequential"] = "auto"
+    channels_last: bool = True  # NHWC conv weights: oneDNN/cuDNN then run the convs in NHWC
+    # Which BatchNorm layers use global-batch statistics under data parallelism: every one,
+    # only the projection head's (CoMM's contrastive statistics), or none (per-worker shards)
+    batchnorm_sync: Literal["all", "head", "none"] = "all"
     threads: Annotated[int, Field(ge=0)] = 0  # torch intra-op threads; 0 = leave torch's default
     out_dir: str = "runs"
     deterministic: bool = False
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_alias(cls, value: Any) -> Any:
+        return "bf16-mixed" if value == "bf16" else value  # the name before bf16-mixed
 
 
 class ExperimentConfig(_Strict):

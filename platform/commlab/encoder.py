@@ -68,7 +68,7 @@ class Encoder(nn.Module):
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         # The precision the probes ran in during training (PretrainRun.extract).
-        if self.config.train.precision == "bf16":
+        if self.config.train.precision == "bf16-mixed":  # ("auto" probes run in fp32 here)
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

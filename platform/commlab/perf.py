@@ -1,41 +1,75 @@
-"""Throughput helpers: model FLOPs per step and the machine's measured matmul peak (for MFU)."""
+"""Throughput helpers: FLOPs per step, the measured dense matmul peak, MFU, machine description,
+and timed choices between equivalent ways of computing the same thing (cached per device).
+
+MFU has one definition, used by `bench/step_throughput.py` and the loop's `perf/mfu`:
+
+    MFU = model FLOPs of one training step / step time / dense matmul peak
+
+where the FLOPs are those of forward + backward of the method's loss on the step's batch, as
+counted by torch's FlopCounterMode (`step_flops`), and the peak is the throughput of a dense
+(n x n) @ (n x n) product *in the compute dtype of the precision in use* (bfloat16 under
+bf16-mixed), measured by the same process with the same threads close in time to the steps
+(`matmul_peak_flops`), because the machine's load moves both.
+
+`timed_choice` runs interchangeable candidates interleaved over several rounds, caches the
+per-candidate medians under a key that names the device (and whatever else matters), and
+decides from the cached numbers alone: given its cache entry, a choice is deterministic.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
 import os
 import platform
+import statistics
+import tempfile
 import time
-from collections.abc import Callable
-from functools import lru_cache
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+PRECISIONS = ("fp32", "bf16-mixed")
+COMPUTE_DTYPE = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16}
+BF16_MIN_SPEEDUP = 1.1  # bf16-mixed must beat fp32 by this factor to be picked by `auto`
 
-@lru_cache(maxsize=4)
+
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def matmul_peak_flops(
-    device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    n: int = 1024,
+    reps: int = 3,
 ) -> float:
-    """Measured dense matmul throughput (FLOP/s) of this process's threads on `device`.
-
-    The best of several timed (n x n) @ (n x n) products; MFU = achieved model FLOP/s / this.
-    """
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
+    """Dense matmul throughput (FLOP/s) of this process's threads on `device` in `dtype`, now:
+    the best of `reps` timed (n x n) @ (n x n) products after one warm-up. Not cached: call it
+    between the steps it is compared with."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
     best = float("inf")
-    for _ in range(5):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / 4)
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best
+
+
+def mfu(flops_per_step: float, step_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation (see the module docstring): `flops_per_step` from `step_flops`,
+    `peak_flops` from `matmul_peak_flops` in the compute dtype, per worker."""
+    return flops_per_step / step_s / peak_flops
 
 
 def count_flops(fn: Callable[[], object]) -> float:
@@ -45,22 +79,194 @@ def count_flops(fn: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
-def machine_info() -> dict[str, object]:
-    """What a benchmark ran on, for its JSON."""
-    cpu = "unknown"
+def step_flops(method: nn.Module, view_a: Any, view_b: Any) -> float:
+    """FLOPs of one training step's forward + backward of `method.loss(view_a, view_b)`,
+    counted on a copy so that the method's BatchNorm statistics and gradients are untouched
+    (local loss, no gathered negatives; the same count under autocast)."""
+    probe = copy.deepcopy(method)
+    return count_flops(lambda: probe.loss(view_a, view_b).loss.backward())  # type: ignore[operator]
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The autocast context of a resolved precision (`fp32` or `bf16-mixed`)."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"precision must be one of {PRECISIONS} once resolved, got '{precision}'")
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------- machine
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown"
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+                return [f for f in wanted if f in flags]
+    except OSError:
+        pass
+    return []
+
+
+def machine_info() -> dict[str, object]:
+    """What a benchmark ran on, for its JSON: CPU and its bf16-relevant flags, GPU, threads,
+    versions, and the load average when it was called (other processes share the machine)."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    try:
+        load: list[float] | None = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "load_average_1_5_15": load,
     }
+
+
+def device_key(device: torch.device | str) -> str:
+    """What a speed measurement depends on: the device model, threads and torch version."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    return f"{device.type}:{name}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+# ---------------------------------------------------------------- timed choices, cached
+def cache_path() -> Path:
+    """Where measured choices are kept: $COMMLAB_PERF_CACHE, else ~/.cache/commlab/perf.json."""
+    env = os.environ.get("COMMLAB_PERF_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "commlab" / "perf.json"
+
+
+def _load_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _store(path: Path, key: str, entry: dict[str, Any]) -> None:
+    """Add one entry, re-reading the file first (other processes may have added theirs) and
+    replacing it atomically."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _load_cache(path)
+        data[key] = entry
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".perf-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: measure again next time
+
+
+def time_interleaved(
+    candidates: Mapping[str, Callable[[], object]],
+    rounds: int = 5,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, one call of each per round (so load swings hit all
+    of them alike)."""
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def decide(seconds: Mapping[str, float], default: str, margin: float = 1.0) -> str:
+    """The fastest candidate; `default` unless another is at least `margin` times faster."""
+    best = min(seconds, key=lambda k: (seconds[k], k != default))
+    return best if seconds[default] >= margin * seconds[best] else default
+
+
+def timed_choice(
+    key: str,
+    candidates: Mapping[str, Callable[[], object]],
+    default: str,
+    margin: float = 1.0,
+    rounds: int = 5,
+    path: Path | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Pick among interchangeable `candidates` by their time, measured once per `key` and
+    cached (`cache_path()`); returns (choice, cache entry). The decision uses each candidate's
+    fastest round (`seconds`; the round least disturbed by other processes on a shared
+    machine, where medians swing with the load); medians and maxima are kept for the record.
+    With an entry cached for `key` nothing runs and the choice follows from it alone."""
+    path = path or cache_path()
+    entry = _load_cache(path).get(key)
+    if not (isinstance(entry, dict) and set(candidates) <= set(entry.get("seconds", {}))):
+        times = time_interleaved(candidates, rounds=rounds)
+        entry = {
+            "seconds": {k: min(v) for k, v in times.items()},
+            "median_s": {k: statistics.median(v) for k, v in times.items()},
+            "max_s": {k: max(v) for k, v in times.items()},
+            "rounds": rounds,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "load_average_1_5_15": machine_info()["load_average_1_5_15"],
+        }
+        _store(path, key, entry)
+    seconds = {k: float(entry["seconds"][k]) for k in candidates}
+    return decide(seconds, default, margin), entry
+
+
+def precision_workload(device: torch.device, precision: str) -> Callable[[], object]:
+    """A small training-like workload (conv and linear layers, forward + backward) in
+    `precision`, representative of where commlab's models spend their time."""
+    g = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1).to(device)
+    lin = nn.Linear(256, 256).to(device)
+    x = torch.randn(8, 16, 16, 16, generator=g).to(device)
+    y = torch.randn(256, 256, generator=g).to(device)
+
+    def run() -> None:
+        with autocast(device, precision):
+            loss = conv(x).float().square().mean() + lin(torch.relu(lin(y))).float().square().mean()
+        loss.backward()
+        _sync(device)
+
+    return run
+
+
+def choose_precision(device: torch.device, path: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """`train.precision: auto`: bf16-mixed where this device runs it at least
+    `BF16_MIN_SPEEDUP` times faster than fp32 (measured once per device, cached), else fp32."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "fp32", {"seconds": {}, "reason": "no bf16 support on this GPU"}
+    if device.type not in ("cpu", "cuda"):
+        return "fp32", {"seconds": {}, "reason": f"no bf16 measurement for {device.type}"}
+    candidates = {p: precision_workload(device, p) for p in PRECISIONS}
+    return timed_choice(
+        f"precision|{device_key(device)}",
+        candidates,
+        default="fp32",
+        margin=BF16_MIN_SPEEDUP,
+        rounds=7,
+        path=path,
+    )

@@ -68,3 +68,39 @@ def test_encoder_config_errors_name_the_modality():
         build_method(cfg, [(8, 6), (8, 5)])
     with pytest.raises(ValueError, match="has 2 entries but the dataset has 1"):
         build_method(toy_config("cross"), [(8, 6)])
+
+
+def test_comm_fusion_paths_give_the_same_loss_and_gradients():
+    cfg, model, aug, batch, g = _setup("comm")
+    va, vb = aug(batch, g), aug(batch, g)
+    model.eval()  # no dropout: both paths see the same network
+    results = {}
+    for path in ("packed", "sequential"):
+        model.fusion_path = path
+        model.zero_grad(set_to_none=True)
+        out = model(va, vb)
+        out.loss.backward()
+        results[path] = (out.loss.detach(), model.fusion.blocks[0].in_proj.weight.grad.clone())
+    torch.testing.assert_close(results["packed"][0], results["sequential"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results["packed"][1], results["sequential"][1], atol=1e-5, rtol=1e-4)
+    model.fusion_path = "nope"
+    with pytest.raises(ValueError, match="packed or 'sequential'|'packed' or 'sequential'"):
+        model(va, vb)
+
+
+def test_fusion_options_time_both_paths_without_touching_batchnorm():
+    cfg, model, aug, batch, g = _setup("comm")
+    va, vb = aug(batch, g), aug(batch, g)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    options = model.fusion_options(va, vb)
+    assert set(options) == {"packed", "sequential"}
+    a, b = options["packed"](), options["sequential"]()
+    assert a.ndim == 0 and b.ndim == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and "width=16" in model.fusion_signature()
+
+
+@pytest.mark.parametrize(("method", "n_heads"), [("comm", 1), ("cross_self", 2), ("cmc", 0)])
+def test_projection_heads(method, n_heads):
+    _, model, *_ = _setup(method)
+    assert len(model.projection_heads()) == n_heads

@@ -172,3 +172,108 @@ def test_workers_share_initial_weights_but_not_dropout_masks():
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(masks[0], masks[1])
     assert rank_seed(cfg.seed, 0) == cfg.seed and rank_seed(cfg.seed, 1) != cfg.seed
+
+
+@pytest.fixture
+def perf_cache(tmp_path, monkeypatch):
+    """A fresh per-test cache of measured speed choices (commlab.perf)."""
+    path = tmp_path / "perf.json"
+    monkeypatch.setenv("COMMLAB_PERF_CACHE", str(path))
+    return path
+
+
+def _fixed_batch_loss(run: PretrainRun) -> tuple[torch.Tensor, list[torch.dtype]]:
+    gen = torch.Generator().manual_seed(7)
+    va, vb = run._views(torch.arange(run.per_rank_batch), gen)
+    dtypes: list[torch.dtype] = []
+    lin = run.method.fusion.blocks[0].c_fc
+    handle = lin.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    with torch.no_grad(), run._autocast():
+        out = run.model(va, vb)
+    handle.remove()
+    return out.loss.float(), dtypes
+
+
+def test_bf16_mixed_gives_the_fp32_loss_on_a_fixed_batch(perf_cache):
+    base = ("train.fusion=packed",)
+    fp32 = PretrainRun(toy_config("comm", (*base, "train.precision=fp32")), data=_bundle())
+    bf16 = PretrainRun(toy_config("comm", (*base, "train.precision=bf16-mixed")), data=_bundle())
+    legacy = toy_config("comm", ("train.precision=bf16",))  # the old name still loads
+    assert legacy.train.precision == "bf16-mixed"
+    loss32, dt32 = _fixed_batch_loss(fp32)
+    loss16, dt16 = _fixed_batch_loss(bf16)
+    assert dt32 == [torch.float32] and dt16 == [torch.bfloat16]  # bf16 really ran
+    assert loss32.dtype == torch.float32 and torch.isfinite(loss16)
+    torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(loss16, loss32)
+
+
+@pytest.mark.parametrize(("bf16_s", "expected"), [(0.1, "bf16-mixed"), (2.0, "fp32")])
+def test_auto_precision_follows_the_cached_measurement(perf_cache, bf16_s, expected):
+    from commlab.perf import device_key
+
+    key = f"precision|{device_key('cpu')}"
+    perf_cache.write_text(json.dumps({key: {"seconds": {"fp32": 1.0, "bf16-mixed": bf16_s}}}))
+    cfg = toy_config("comm", ("train.precision=auto", "train.fusion=packed"))
+    runs = [PretrainRun(cfg, data=_bundle()) for _ in range(2)]
+    assert [r.precision for r in runs] == [expected, expected]
+    assert "auto: cached measurement" in runs[0].settings_note
+    _, dtypes = _fixed_batch_loss(runs[0])
+    assert dtypes == [torch.bfloat16 if expected == "bf16-mixed" else torch.float32]
+
+
+def test_auto_fusion_measures_once_and_both_paths_train_alike(perf_cache):
+    over = ("train.epochs=1", "train.probe_every=0", "train.max_steps_per_epoch=2")
+    auto = PretrainRun(toy_config("comm", (*over, "train.fusion=auto")), data=_bundle())
+    auto.fit()
+    assert auto.method.fusion_path in ("packed", "sequential")
+    entry = next(
+        v for k, v in json.loads(perf_cache.read_text()).items() if k.startswith("fusion|")
+    )
+    assert set(entry["seconds"]) == {"packed", "sequential"}
+    # a cached entry decides: make the other path the faster one and build again
+    other = "sequential" if auto.method.fusion_path == "packed" else "packed"
+    data = json.loads(perf_cache.read_text())
+    for k in data:
+        if k.startswith("fusion|"):
+            data[k]["seconds"] = {other: 0.1, auto.method.fusion_path: 1.0}
+    perf_cache.write_text(json.dumps(data))
+    again = PretrainRun(toy_config("comm", (*over, "train.fusion=auto")), data=_bundle())
+    m_again = again.run_epoch(0)
+    assert again.method.fusion_path == other
+    explicit = PretrainRun(toy_config("comm", (*over, f"train.fusion={other}")), data=_bundle())
+    m_explicit = explicit.run_epoch(0)
+    assert m_again["train/loss"] == pytest.approx(m_explicit["train/loss"], rel=1e-6)
+
+
+def test_mfu_uses_the_step_flops_and_the_compute_dtype_peak(perf_cache, monkeypatch):
+    from commlab.train import loop
+
+    seen = []
+
+    def fake_peak(device, dtype):
+        seen.append(dtype)
+        return 1e9
+
+    monkeypatch.setattr(loop, "matmul_peak_flops", fake_peak)
+    run = PretrainRun(toy_config("comm", ("train.fusion=packed",)), data=_bundle())
+    m = run.run_epoch(0)
+    step_s = m["perf/epoch_time_s"] / run.steps_per_epoch
+    assert run.flops_per_step and m["perf/mfu"] == pytest.approx(run.flops_per_step / step_s / 1e9)
+    assert seen == [torch.float32]
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager(perf_cache):
+    over = ("train.epochs=1", "train.probe_every=0", "train.max_steps_per_epoch=3")
+    over = (*over, "train.fusion=sequential", "model.dropout=0.0")
+    eager = PretrainRun(toy_config("comm", over), data=_bundle())
+    compiled = PretrainRun(toy_config("comm", (*over, "train.compile=true")), data=_bundle())
+    m_e, m_c = eager.run_epoch(0), compiled.run_epoch(0)
+    assert compiled.compiled and not eager.compiled
+    assert compiled.method._compiled_call_impl is not None
+    assert m_c["train/loss"] == pytest.approx(m_e["train/loss"], rel=1e-4, abs=1e-5)
+    for (name, a), b in zip(
+        eager.method.state_dict().items(), compiled.method.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)

@@ -20,9 +20,11 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from commlab.config import ExperimentConfig, flatten
 from commlab.data.base import Batch
+from commlab.models import build_method
 from commlab.models.norm import batch_norm_groups
 from commlab.train.checkpoint import FORMAT, load_checkpoint
 from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext
@@ -35,6 +37,7 @@ from commlab.train.trainer import (
     resolve_run_name,
 )
 from commlab.train.worker import GlobalBatchNorm, build_run, sync_batchnorm
+from tests.conftest import toy_config
 from tests.train.conftest import ray_config
 
 # 4 epochs, warmup + cosine, clipping: resuming must restore the schedule, not restart it.
@@ -472,3 +475,22 @@ def test_global_batchnorm_is_plain_batchnorm_without_workers():
     plain = nn.BatchNorm1d(4)
     plain.load_state_dict({k.split(".", 1)[1]: v for k, v in ref.items() if k.startswith("1.")})
     torch.testing.assert_close(model[1](model[0](x)), plain(model[0](x)))
+
+
+@pytest.mark.parametrize("scope", ["all", "head", "none", True, False])
+def test_batchnorm_sync_scope_converts_the_chosen_layers(scope):
+    from commlab.train.worker import sync_scope
+
+    method = build_method(toy_config("comm"), [(8, 6), (8, 5)])
+    # an encoder BatchNorm next to the head's, to see which ones a scope converts
+    method.stack.encoders[0].extra_bn = nn.BatchNorm1d(4)
+    sync_scope(method, torch.device("cpu"), scope)
+    head_bn = [m for m in method.head.modules() if isinstance(m, _BatchNorm)]
+    enc_bn = [m for m in method.stack.modules() if isinstance(m, _BatchNorm)]
+    assert len(head_bn) == 2 and len(enc_bn) == 1
+    want_head = scope in ("all", "head", True)
+    want_enc = scope in ("all", True)
+    assert all(isinstance(m, GlobalBatchNorm) == want_head for m in head_bn)
+    assert all(isinstance(m, GlobalBatchNorm) == want_enc for m in enc_bn)
+    with pytest.raises(ValueError, match="all, head or none"):
+        sync_scope(method, torch.device("cpu"), "some")

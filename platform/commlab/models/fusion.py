@@ -96,24 +96,30 @@ class FusionTransformer(nn.Module):
             nn.init.normal_(blk.c_proj.weight, std=proj_std)
 
     # ---------------------------------------------------------------- core
-    def _run(self, x: Tensor, present: Tensor) -> Tensor:
-        """x: (N, L, E) tokens; present: (N, L) True = token takes part. Returns (N, E)."""
-        keep: Tensor | None = present
+    def _run(self, x: Tensor, present: Tensor | None) -> Tensor:
+        """x: (N, L, E) tokens; present: (N, L) True = token takes part, or None when every
+        token does (no mask: SDPA's fastest kernel, and no data-dependent check that would
+        break a compiled graph). Returns (N, E)."""
+        keep = present
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-            keep = torch.cat([present.new_ones(x.shape[0], 1), present], dim=1)
-        if keep is not None and bool(keep.all()):
-            keep = None  # lets SDPA use its fastest kernel
+            if present is not None:
+                keep = torch.cat([present.new_ones(x.shape[0], 1), present], dim=1)
         for blk in self.blocks:
             x = blk(x, keep)
         x = self.ln_post(x)
         if self.cls is not None:
             return x[:, 0]
+        if present is None:
+            return x.mean(1)
         w = present.to(x.dtype).unsqueeze(-1)
         return (x * w).sum(1) / w.sum(1).clamp_min(1.0)
 
     @staticmethod
-    def _present(tokens: list[Tensor], pads: list[Tensor | None]) -> Tensor:
+    def _present(tokens: list[Tensor], pads: list[Tensor | None]) -> Tensor | None:
+        """(B, L) True = token present, or None when no modality has padding."""
+        if all(p is None for p in pads):
+            return None
         parts = []
         for t, p in zip(tokens, pads, strict=True):
             parts.append(~p if p is not None else t.new_ones(t.shape[:2], dtype=torch.bool))
@@ -147,6 +153,8 @@ class FusionTransformer(nn.Module):
         cls = self.cls.expand(b, -1, -1).to(x.dtype) if self.cls is not None else filler
         table = torch.cat([filler, cls, x], dim=1)  # index 0 filler, 1 CLS, 2.. tokens
         present = self._present(tokens, pads)
+        if present is None:
+            present = x.new_ones(x.shape[:2], dtype=torch.bool)
         valid = torch.cat([present.new_zeros(b, 1), present.new_ones(b, 1), present], dim=1)
         xr = (
             table[:, src.flatten()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -116,6 +117,7 @@ def global_pool(h: Tensor, pad: Tensor | None) -> Tensor:
 
 class Method(nn.Module):
     uses_tokens = False  # True: adapters to fusion tokens are built (CoMM)
+    fusion_path: str | None = None  # how masked fusion runs, for methods that have one
 
     def __init__(self, cfg: ExperimentConfig, shapes: list[tuple[int, ...]]) -> None:
         super().__init__()
@@ -135,6 +137,20 @@ class Method(nn.Module):
     def features(self, batch: Batch) -> Tensor:
         raise NotImplementedError
 
+    def fusion_options(self, view_a: Batch, view_b: Batch) -> dict[str, Callable[[], Tensor]]:
+        """Interchangeable ways to run this method's masked fusion on these views (name ->
+        a call returning a scalar to backpropagate), for timing; empty without fusion."""
+        return {}
+
+    def fusion_signature(self) -> str:
+        """What fusion speed depends on besides the input shapes (for caching timings)."""
+        return ""
+
+    def projection_heads(self) -> list[nn.Module]:
+        """The training-only projection heads (`train.batchnorm_sync: head` syncs their
+        BatchNorm statistics only)."""
+        return [m for m in self.modules() if isinstance(m, ProjectionHead)]
+
     def unimodal(self, batch: Batch) -> list[Tensor]:
         """Globally pooled encoder outputs, one (B, d_m) per modality (the baselines' unimodal
         embeddings; adapters and fusion are CoMM's and take no part)."""
@@ -147,6 +163,7 @@ class CoMM(Method):
     fusion forward per step, projection head, `comm_loss` (Dufumier et al., ICLR 2025)."""
 
     uses_tokens = True
+    fusion_path = "packed"  # or "sequential": the same numbers, per-device speed differs
 
     def __init__(self, cfg: ExperimentConfig, shapes: list[tuple[int, ...]]) -> None:
         super().__init__(cfg, shapes)
@@ -155,9 +172,41 @@ class CoMM(Method):
         self.head = ProjectionHead(m.embed_dim, m.head.hidden_dim, m.head.out_dim)
         self.masks = comm_masks(self.n_mod)
 
+    def fuse(self, tokens: list[Tensor], pads: list[Tensor | None]) -> list[Tensor]:
+        """The n_mod+1 masked fusion passes along `fusion_path`."""
+        if self.fusion_path == "sequential":
+            return self.fusion.fuse_sequential(tokens, pads, self.masks)
+        if self.fusion_path != "packed":
+            raise ValueError(
+                f"fusion_path must be 'packed' or 'sequential', got '{self.fusion_path}'"
+            )
+        return self.fusion.fuse_batched(tokens, pads, self.masks)
+
+    def fusion_options(self, view_a: Batch, view_b: Batch) -> dict[str, Callable[[], Tensor]]:
+        was_training = self.stack.training
+        with torch.no_grad():  # eval: BatchNorm running statistics stay untouched
+            tokens, pads = self.stack.eval()(_cat_views(view_a, view_b))
+        self.stack.train(was_training)
+        tokens = [t.detach().requires_grad_(True) for t in tokens]
+
+        def run(fn: Callable[..., list[Tensor]]) -> Callable[[], Tensor]:
+            return lambda: torch.stack(
+                [o.float().sum() for o in fn(tokens, pads, self.masks)]
+            ).sum()
+
+        return {
+            "packed": run(self.fusion.fuse_batched),
+            "sequential": run(self.fusion.fuse_sequential),
+        }
+
+    def fusion_signature(self) -> str:
+        blk = self.fusion.blocks
+        width = self.fusion.ln_post.normalized_shape[0]
+        return f"fusion(width={width},layers={len(blk)},heads={blk[0].n_heads if blk else 0},masks={len(self.masks)})"
+
     def embed_views(self, view_a: Batch, view_b: Batch) -> tuple[list[Tensor], list[Tensor]]:
         tokens, pads = self.stack(_cat_views(view_a, view_b))
-        fused = self.fusion.fuse_batched(tokens, pads, self.masks)  # K x (2B, E)
+        fused = self.fuse(tokens, pads)  # K x (2B, E)
         b, k = view_a.size, len(fused)
         # BatchNorm statistics per mask and view, as in the paper, in one head pass.
         z = self.head.forward_groups(torch.stack([f[:b] for f in fused] + [f[b:] for f in fused]))

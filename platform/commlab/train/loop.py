@@ -5,12 +5,17 @@
 features on rank 0 and broadcasts the metrics so no rank waits on a collective the others skip.
 `fit` drives epochs and calls `on_epoch_end(epoch, metrics, run)` where the caller reports,
 checkpoints and logs. It imports neither Ray nor MLflow.
+
+Speed settings are resolved once per run (`train.precision`, `train.fusion` `auto`: a cached
+per-device measurement, see commlab.perf; rank 0 decides and broadcasts so every worker computes
+the same way) and change the numbers only within floating-point rounding. `perf/mfu` follows
+commlab.perf's one definition: the step time here includes batching and augmentation, and the
+peak is the compute dtype's matmul peak, re-measured after every epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -27,7 +32,16 @@ from commlab.augment import build_augmenter
 from commlab.config import ExperimentConfig
 from commlab.data import DataBundle, MultimodalDataset, build_data
 from commlab.models import Method, build_method
-from commlab.perf import count_flops, matmul_peak_flops
+from commlab.perf import (
+    COMPUTE_DTYPE,
+    autocast,
+    choose_precision,
+    device_key,
+    matmul_peak_flops,
+    mfu,
+    step_flops,
+    timed_choice,
+)
 from commlab.probe import run_probes
 from commlab.train.checkpoint import rng_state, set_rng_state
 
@@ -62,6 +76,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def resolve_precision(name: str, device: torch.device) -> tuple[str, str]:
+    """(`fp32` | `bf16-mixed`, why): `auto` asks the cached per-device measurement."""
+    if name != "auto":
+        return name, "configured"
+    choice, entry = choose_precision(device)
+    secs = entry.get("seconds") or {}
+    if not secs:
+        return choice, f"auto: {entry.get('reason', '')}"
+    timing = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(secs.items()))
+    return choice, f"auto: cached measurement on this device ({timing})"
+
+
+def has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def make_optimizer(params: list[dict[str, Any]], cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    """AdamW, one fused kernel over all parameters where torch has one for the device (CPU and
+    CUDA): the same update as the per-parameter loop, a fraction of its time."""
+    kwargs: dict[str, Any] = {"lr": cfg.optim.lr, "betas": cfg.optim.betas}
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -113,17 +153,20 @@ class PretrainRun:
         self.kinds = [m.kind for m in ds.modalities]
         shapes = [tuple(m.values.shape[1:]) for m in ds.modalities]
         self.method: Method = build_method(cfg, shapes).to(self.ctx.device)
+        if cfg.train.channels_last and has_conv(self.method):
+            self.method.to(memory_format=torch.channels_last)
         self.model: nn.Module = wrap_model(self.method) if wrap_model else self.method
         if self.ctx.world_size > 1:
             # Same initial weights everywhere (seeded above), but each rank its own dropout
             # masks from here on: identical masks on every worker would correlate their gradients.
             torch.manual_seed(rank_seed(cfg.seed, self.ctx.rank))
         self.augment = build_augmenter(cfg.augment, self.kinds)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.method, cfg.optim.weight_decay),
-            lr=cfg.optim.lr,
-            betas=cfg.optim.betas,
+        self.optimizer = make_optimizer(param_groups(self.method, cfg.optim.weight_decay), cfg)
+        self.precision, why = self._agreed(
+            lambda: resolve_precision(cfg.train.precision, self.ctx.device)
         )
+        self.settings_note = f"precision {self.precision} ({why})"
+        self.compiled = False
         self.train_ids = ds.split("train")
         per_rank = d.batch_size // self.ctx.world_size
         if per_rank < 2:
@@ -150,7 +193,7 @@ class PretrainRun:
             )
         self.epoch = 0  # next epoch to run
         self.global_step = 0
-        self.flops_per_sample: float | None = None
+        self.flops_per_step: float | None = None
         self.history: list[dict[str, float]] = []
 
     # ---------------------------------------------------------------- state
@@ -171,10 +214,55 @@ class PretrainRun:
         set_rng_state(state["rng"])
 
     # ---------------------------------------------------------------- training
+    def _agreed(self, decide: Callable[[], Any]) -> Any:
+        """`decide()` on rank 0, the same answer on every rank. Whether it measures (nothing
+        cached yet) or not, the random streams training draws from are left as they were."""
+        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+
+        def isolated() -> Any:
+            with torch.random.fork_rng(devices=devices):
+                return decide()
+
+        if not dist.is_dist():
+            return isolated()
+        return dist.broadcast_object(isolated() if self.ctx.rank == 0 else None, src=0)
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.ctx.device, self.precision)
+
+    def _first_step(self, va: Any, vb: Any) -> None:
+        """Once per run, on the first batch: count the step's FLOPs (eager, on a copy), pick the
+        fusion path, then compile if asked (after the FLOP count, which copies the model)."""
+        self.flops_per_step = step_flops(self.method, va, vb)
+        options = self.method.fusion_options(va, vb)
+        if options:
+            path = self.cfg.train.fusion
+            if path == "auto":
+                path = self._agreed(lambda: self._time_fusion(options, va))
+            self.method.fusion_path = path
+            self.optimizer.zero_grad(set_to_none=True)  # the timing's gradients
+            self.settings_note += f", fusion {path}"
+        if self.cfg.train.compile and not self.compiled:
+            self.method.compile()
+            self.compiled = True
+            self.settings_note += ", compiled"
+        if self.ctx.rank == 0:
+            print(f"[commlab] {self.settings_note}", flush=True)
+
+    def _time_fusion(self, options: dict[str, Callable[[], Any]], va: Any) -> str:
+        def under_precision(fn: Callable[[], Any]) -> Callable[[], None]:
+            def run() -> None:
+                with self._autocast():
+                    out = fn()
+                out.backward()
+
+            return run
+
+        shapes = ",".join(str(tuple(x.shape)) for x in va.xs)
+        key = f"fusion|{device_key(self.ctx.device)}|{self.precision}|{self.method.fusion_signature()}|{shapes}"
+        candidates = {k: under_precision(fn) for k, fn in options.items()}
+        choice, _ = timed_choice(key, candidates, default="packed", rounds=5)
+        return choice
 
     def _views(self, ids: Tensor, gen: torch.Generator) -> tuple[Any, Any]:
         batch = self.data.pretrain.batch(self.train_ids[ids]).to(self.ctx.device)
@@ -199,8 +287,8 @@ class PretrainRun:
         for step in range(self.steps_per_epoch):
             ids = order[step * self.per_rank_batch : (step + 1) * self.per_rank_batch]
             va, vb = self._views(ids, gen)
-            if self.flops_per_sample is None:  # every rank: synced BatchNorm communicates
-                self.flops_per_sample = self._measure_flops(va, vb) / (2 * va.size)
+            if self.flops_per_step is None:  # every rank: synced BatchNorm communicates
+                self._first_step(va, vb)
             with self._autocast():
                 out = self.model(va, vb, gather=gather)
             self._check_finite(out, step)
@@ -223,19 +311,10 @@ class PretrainRun:
         metrics["perf/samples_per_s"] = samples_per_s
         metrics["perf/epoch_time_s"] = elapsed
         metrics["train/lr"] = lr
-        if self.flops_per_sample is not None:
-            peak = matmul_peak_flops(str(ctx.device)) * ctx.world_size
-            metrics["perf/mfu"] = self.flops_per_sample * samples_per_s / peak
+        if self.flops_per_step is not None:
+            peak = matmul_peak_flops(ctx.device, COMPUTE_DTYPE[self.precision])
+            metrics["perf/mfu"] = mfu(self.flops_per_step, elapsed / n, peak)
         return metrics
-
-    def _measure_flops(self, va: Any, vb: Any) -> float:
-        """FLOPs of one forward+backward on this batch, counted on a copy of the model so
-        that BatchNorm statistics and gradients of the real one are untouched. The loss is
-        computed on the local batch (no gathered negatives); every rank runs it because
-        BatchNorm synchronised across workers (SyncBatchNorm) communicates in its forward."""
-        probe_model = copy.deepcopy(self.method)
-        flops = count_flops(lambda: probe_model.loss(va, vb).loss.backward())
-        return flops
 
     def _check_finite(self, out: Any, step: int) -> None:
         bad = torch.tensor([0.0 if torch.isfinite(out.loss.detach()) else 1.0])

@@ -2,7 +2,8 @@
 
 Each of the N workers builds the same `PretrainRun` with its rank (DistributedSampler shard,
 negatives gathered across workers by the objectives), wraps the model in DDP with BatchNorm
-synchronised over the global batch (unless `sync_batchnorm=False`), and after every epoch calls `ray.train.report` with a
+synchronised over the global batch (`train.batchnorm_sync`: all, head or none; none whenever
+`sync_batchnorm=False`), and after every epoch calls `ray.train.report` with a
 checkpoint (a barrier every rank joins). Rank 0 writes `checkpoint.pt` (self-describing,
 `commlab.train.checkpoint`); every rank adds its own RNG state as `rng-rank<r>.pt` (Ray merges
 the ranks' directories). A restarted attempt resumes from `ray.train.get_checkpoint()`: model,
@@ -135,17 +136,35 @@ def _to_global_bn(module: nn.Module) -> nn.Module:
     return out
 
 
-def wrap_for_ddp(method: nn.Module, ctx: WorkerContext, sync_bn: bool = True) -> nn.Module:
-    """DDP around `method` (BatchNorm synced first, unless `sync_bn=False`) when there is more
-    than one worker."""
+def sync_scope(method: nn.Module, device: torch.device, scope: str | bool = "all") -> None:
+    """Convert `method`'s BatchNorm layers in place to global-batch statistics per `scope`
+    (`train.batchnorm_sync`): "all"; "head" (only the projection heads', whose statistics
+    shape the contrastive loss; encoders then normalise each worker's shard); "none".
+    True / False mean "all" / "none"."""
+    if not isinstance(scope, str):
+        scope = "all" if scope else "none"
+    if scope not in ("all", "head", "none"):
+        raise ValueError(f"BatchNorm sync scope must be all, head or none, got {scope!r}")
+    targets: list[nn.Module] = []
+    if scope == "all":
+        targets = [method]
+    elif scope == "head":
+        targets = list(getattr(method, "projection_heads", list)())
+    for module in targets:
+        converted = sync_batchnorm(module, device)
+        assert converted is module  # conversion replaces children; PretrainRun keeps `method`
+
+
+def wrap_for_ddp(method: nn.Module, ctx: WorkerContext, sync_bn: str | bool = "all") -> nn.Module:
+    """DDP around `method` when there is more than one worker, BatchNorm synced first over
+    `sync_bn` (see `sync_scope`)."""
     if ctx.world_size == 1:
         return method
-    if sync_bn:
-        converted = sync_batchnorm(method, ctx.device)
-        assert converted is method  # conversion replaces children; PretrainRun keeps `method`
+    sync_scope(method, ctx.device, sync_bn)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    # Buffers stay identical on every rank (BatchNorm statistics are global): synced once at
-    # init, never per step.
+    # Buffers are synced once at init, never per step: synced BatchNorm keeps them identical
+    # on every rank; unsynced layers (scope head / none) keep each rank's shard statistics and
+    # rank 0's are checkpointed.
     return nn.parallel.DistributedDataParallel(
         method, device_ids=device_ids, forward_sync_buffers=False
     )
@@ -197,11 +216,13 @@ def build_run(
     hooks: dict[str, Any] | None = None,
     sync_bn: bool = True,
 ) -> PretrainRun:
-    """The worker's PretrainRun: data loaded rank 0 first, model in DDP with synced BatchNorm."""
+    """The worker's PretrainRun: data loaded rank 0 first, model in DDP with BatchNorm synced
+    over `cfg.train.batchnorm_sync` (none at all when `sync_bn` is False)."""
     hooks = hooks or {}
+    scope = cfg.train.batchnorm_sync if sync_bn else "none"
 
     def wrap(method: nn.Module) -> nn.Module:
-        model = wrap_for_ddp(method, ctx, sync_bn)
+        model = wrap_for_ddp(method, ctx, scope)
         if hooks.get("nan_at_step") is not None:
             model = _NanAtStep(model, int(hooks["nan_at_step"]))
         return model

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from commlab import perf
+
+
+def test_decide_keeps_the_default_unless_another_is_faster_by_the_margin():
+    assert perf.decide({"fp32": 1.0, "bf16-mixed": 0.95}, "fp32", margin=1.1) == "fp32"
+    assert perf.decide({"fp32": 1.0, "bf16-mixed": 0.5}, "fp32", margin=1.1) == "bf16-mixed"
+    assert perf.decide({"packed": 1.0, "sequential": 0.9}, "packed") == "sequential"
+    assert perf.decide({"packed": 1.0, "sequential": 1.0}, "packed") == "packed"
+
+
+def test_timed_choice_measures_once_then_decides_from_the_cache(tmp_path):
+    path = tmp_path / "perf.json"
+    calls = {"a": 0, "b": 0}
+
+    def slow() -> None:
+        calls["a"] += 1
+        sum(range(200_000))
+
+    def fast() -> None:
+        calls["b"] += 1
+
+    choice, entry = perf.timed_choice("k", {"a": slow, "b": fast}, "a", rounds=3, path=path)
+    assert choice == "b" and calls == {"a": 4, "b": 4}  # 1 warm-up + 3 rounds each
+    assert set(json.loads(path.read_text())["k"]["seconds"]) == {"a", "b"}
+
+    def boom() -> None:
+        raise AssertionError("a cached choice must not measure again")
+
+    again, cached = perf.timed_choice("k", {"a": boom, "b": boom}, "a", path=path)
+    assert again == "b" and cached == entry
+
+
+@pytest.mark.parametrize(
+    ("bf16_s", "expected"), [(0.2, "bf16-mixed"), (0.95, "fp32"), (3.0, "fp32")]
+)
+def test_auto_precision_is_a_function_of_the_cached_measurement(tmp_path, bf16_s, expected):
+    path = tmp_path / "perf.json"
+    key = f"precision|{perf.device_key('cpu')}"
+    path.write_text(json.dumps({key: {"seconds": {"fp32": 1.0, "bf16-mixed": bf16_s}}}))
+    for _ in range(3):
+        choice, entry = perf.choose_precision(torch.device("cpu"), path=path)
+        assert choice == expected and entry["seconds"]["bf16-mixed"] == bf16_s
+
+
+def test_auto_precision_measures_both_when_nothing_is_cached(tmp_path):
+    path = tmp_path / "perf.json"
+    choice, entry = perf.choose_precision(torch.device("cpu"), path=path)
+    assert choice in perf.PRECISIONS
+    assert set(entry["seconds"]) == {"fp32", "bf16-mixed"}
+    assert all(v > 0 for v in entry["seconds"].values())
+    assert perf.choose_precision(torch.device("cpu"), path=path)[0] == choice
+
+
+def test_step_flops_counts_forward_and_backward_and_leaves_the_model_alone():
+    class Toy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 4, bias=False)
+            self.bn = nn.BatchNorm1d(4)
+
+        def loss(self, a, b):
+            class Out:
+                loss = self.bn(self.lin(a)).square().mean() + self.lin(b).sum()
+
+            return Out
+
+    m = Toy()
+    a, b = torch.randn(16, 8), torch.randn(16, 8)
+    flops = perf.step_flops(m, a, b)
+    # two (16x8)@(8x4) products forward; backward: grad of weight for both, grad of input
+    # is not needed (inputs do not require grad)
+    assert flops == 2 * (2 * 16 * 8 * 4) + 2 * (2 * 16 * 8 * 4)
+    assert m.lin.weight.grad is None and int(m.bn.num_batches_tracked) == 0
+
+
+def test_mfu_definition_and_peak():
+    peak = perf.matmul_peak_flops("cpu", torch.float32, n=128, reps=2)
+    assert peak > 0
+    assert perf.mfu(2e9, 0.5, 8e9) == pytest.approx(0.5)
+
+
+def test_machine_info_records_threads_and_load():
+    info = perf.machine_info()
+    assert info["torch_threads"] == torch.get_num_threads()
+    assert "load_average_1_5_15" in info and "cpu_flags" in info
