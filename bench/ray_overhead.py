@@ -8,8 +8,10 @@ global batch 128, no probing. Every case trains the same epochs with a checkpoin
   ray-1w       Ray Train, 1 worker with every core (same torch threads as plain)
   ray-1w-1t    Ray Train, 1 worker, 1 CPU and 1 torch thread
   ray-2w-1t    Ray Train, 2 workers, 1 CPU and 1 torch thread each (gloo DDP, gathered
-               negatives, synced BatchNorm, global batch split 64 + 64)
-  ray-2w-1t-localbn  the same with per-worker BatchNorm statistics (sync_batchnorm=False)
+               negatives, every BatchNorm synced: train.batchnorm_sync=all, global batch
+               split 64 + 64)
+  ray-2w-1t-head  the same with only the projection head's BatchNorm synced (batchnorm_sync=head)
+  ray-2w-1t-none  the same with per-worker BatchNorm statistics everywhere (batchnorm_sync=none)
 
 Throughput is samples per second of *wall time per epoch in steady state*: the median interval
 between consecutive epoch checkpoints (`created_at` inside checkpoint.pt), first epoch excluded,
@@ -19,7 +21,7 @@ so it includes reporting and checkpointing but not Ray's one-off startup (report
                best any 2-worker run could do on this machine at this moment
 Overhead = 1 - ray-1w / plain (and 1 - ray-1w-1t / plain-1t); scaling = ray-2w-1t / ray-1w-1t (each worker on its own core
 with torch threads = 1, so the ratio measures data parallelism, not thread contention).
-The precision section times 4-step epochs in this process, fp32 vs bf16 autocast (all cores,
+The precision section times 4-step epochs in this process, fp32 vs bf16-mixed (all cores,
 then 1 thread).
 
     python bench/ray_overhead.py [--epochs 4] [--pairs 1024] [--out bench/results/ray_overhead.json]
@@ -30,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -93,7 +94,7 @@ def run_plain(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
 
 
 def run_ray(
-    cfg: ExperimentConfig, workers: int, cpus: float, storage: Path, sync_bn: bool = True
+    cfg: ExperimentConfig, workers: int, cpus: float, storage: Path, scope: str = "all"
 ) -> dict[str, Any]:
     from commlab.train.trainer import RayTrainSettings, build_trainer
 
@@ -103,9 +104,10 @@ def run_ray(
         num_to_keep=None,
         tracking=False,
         max_failures=0,
-        sync_batchnorm=sync_bn,
     )
-    name = f"bench-{workers}w-{int(cpus)}c-{'sync' if sync_bn else 'local'}bn"
+    cfg = cfg.model_copy(deep=True)
+    cfg.train.batchnorm_sync = scope  # type: ignore[assignment]
+    name = f"bench-{workers}w-{int(cpus)}c-{scope}bn"
     trainer = build_trainer(cfg, settings, name=name, storage_path=str(storage))
     start = time.time()
     trainer.fit()
@@ -181,24 +183,12 @@ def with_load(fn: Any, *args: Any) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     import ray
 
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = Path("/proc/cpuinfo").read_text()
-        bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        bf16 = False
+    from commlab.perf import machine_info
+
     return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "cpu_bf16": bf16,
+        **machine_info(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
         "ray": ray.__version__,
-        "python": platform.python_version(),
         "device": "cpu",
     }
 
@@ -240,19 +230,24 @@ def main() -> None:
         results["ceiling_2p"] = with_load(run_ceiling, one, 2)
         ray.init(num_cpus=cores, include_dashboard=False)
         try:
-            for label, cfg, workers, cpus, sync in [
-                ("ray-1w", full, 1, float(cores), True),
-                ("ray-1w-1t", one, 1, 1.0, True),
-                ("ray-2w-1t", one, 2, 1.0, True),
-                ("ray-2w-1t-localbn", one, 2, 1.0, False),
+            for label, cfg, workers, cpus, scope in [
+                ("ray-1w", full, 1, float(cores), "all"),
+                ("ray-1w-1t", one, 1, 1.0, "all"),
+                ("ray-2w-1t", one, 2, 1.0, "all"),
+                ("ray-2w-1t-head", one, 2, 1.0, "head"),
+                ("ray-2w-1t-none", one, 2, 1.0, "none"),
             ]:
                 print(f"{label} ...", flush=True)
-                results["cases"][label] = with_load(run_ray, cfg, workers, cpus, root / "ray", sync)
+                results["cases"][label] = with_load(
+                    run_ray, cfg, workers, cpus, root / "ray", scope
+                )
         finally:
             ray.shutdown()
         print("precision ...", flush=True)
         results["precision"] = [
-            with_load(precision_case, full, p, t) for t in (cores, 1) for p in ("fp32", "bf16")
+            with_load(precision_case, full, p, t)
+            for t in (cores, 1)
+            for p in ("fp32", "bf16-mixed")
         ]
 
     c = results["cases"]
@@ -270,12 +265,17 @@ def main() -> None:
     results["scaling_2w_vs_1w_loop"] = (
         c["ray-2w-1t"]["loop_samples_per_s"] / c["ray-1w-1t"]["loop_samples_per_s"]
     )
-    results["scaling_2w_localbn_vs_1w"] = (
-        c["ray-2w-1t-localbn"]["samples_per_s"] / c["ray-1w-1t"]["samples_per_s"]
-    )
+    results["scaling_2w_vs_1w_by_batchnorm_sync"] = {
+        scope: c[label]["samples_per_s"] / c["ray-1w-1t"]["samples_per_s"]
+        for scope, label in (
+            ("all", "ray-2w-1t"),
+            ("head", "ray-2w-1t-head"),
+            ("none", "ray-2w-1t-none"),
+        )
+    }
     results["scaling_2w_vs_plain"] = c["ray-2w-1t"]["samples_per_s"] / c["plain"]["samples_per_s"]
     by = {(p["precision"], p["threads"]): p["samples_per_s"] for p in results["precision"]}
-    results["bf16_speedup"] = {str(t): by[("bf16", t)] / by[("fp32", t)] for t in (cores, 1)}
+    results["bf16_speedup"] = {str(t): by[("bf16-mixed", t)] / by[("fp32", t)] for t in (cores, 1)}
 
     print(
         f"\n{'case':<17} {'samples/s':>10} {'loop s/s':>9} {'epoch s':>8} {'startup s':>10}"
@@ -295,10 +295,8 @@ def main() -> None:
         f"2 workers vs 1 (1 thread each): {results['scaling_2w_vs_1w']:.2f}x (target >= 1.6x); "
         f"2 workers vs plain {cores} threads: {results['scaling_2w_vs_plain']:.2f}x"
     )
-    print(
-        f"  without BatchNorm sync (sync_batchnorm=False): "
-        f"{results['scaling_2w_localbn_vs_1w']:.2f}x"
-    )
+    for scope, ratio in results["scaling_2w_vs_1w_by_batchnorm_sync"].items():
+        print(f"  train.batchnorm_sync={scope}: {ratio:.2f}x")
     print(
         f"  ceiling now: 2 independent processes (no communication) vs 1: "
         f"{results['ceiling_2p_vs_1']:.2f}x (training steps only)"

@@ -1,194 +1,279 @@
-"""Throughput and MFU of one CoMM training step, and batched vs sequential mask fusion.
+"""Speed and MFU of one CoMM training step per speed setting, and packed vs sequential fusion.
 
-Cases: (a) two image modalities at 64 px (conv encoders + patch tokens), (b) two sequence
-modalities (50 x 20 and 50 x 300 features, Transformer encoders, embed 40, as MOSI).
-MFU = model FLOP/s (forward + backward, counted by torch's FlopCounterMode) / this machine's
-measured fp32 matmul peak with the same threads. Prints a table and writes JSON.
+Models: the Trifeatures CoMM model (configs/trifeatures/comm.yaml) at 64 px, the paper's 224 px
+one (configs/trifeatures/comm-224.yaml), and the MOSI one (configs/mosi/comm.yaml; 50-step vision
+(20-d) and text (300-d) sequences). Each step runs forward, backward and the optimiser on two
+pre-made views (augmentation is not timed).
 
-    python bench/step_throughput.py [--steps 10] [--threads 2] [--out bench/results/step_throughput.json]
+Settings, timed interleaved (one step of each per round, so the machine's load hits all alike):
+  baseline     commlab before this bench's speed work: fp32, eager, one fusion forward per mask
+               (sequential), contiguous (NCHW) convs, AdamW's per-parameter loop
+  packed       the baseline with the packed one-forward fusion
+  auto         what `train.precision=auto, train.fusion=auto` (and the defaults channels_last,
+               fused AdamW) pick on this machine, as PretrainRun resolves them
+  bf16-mixed   auto's settings with bf16 autocast forced
+  compiled     auto's settings under torch.compile (--compile CASES; compile time reported)
+The fusion alone (forward + backward of the n_mod+1 masked passes) is timed both ways too.
+
+MFU (commlab.perf): step FLOPs (forward + backward, FlopCounterMode) / step time / dense matmul
+peak of the setting's compute dtype; the fp32 and bf16 peaks are re-measured in every round,
+between the steps. Medians with min-max over rounds; machine, threads and load average recorded.
+
+    python bench/step_throughput.py [--rounds 5] [--threads 2] [--cases tri64,tri224,mosi] [--compile tri64]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from commlab.augment import build_augmenter
+from commlab.config import ExperimentConfig, load_config
 from commlab.data.base import Batch
 from commlab.models import build_method
-from commlab.perf import count_flops, machine_info, matmul_peak_flops
+from commlab.perf import (
+    COMPUTE_DTYPE,
+    autocast,
+    device_key,
+    machine_info,
+    matmul_peak_flops,
+    step_flops,
+    timed_choice,
+)
+from commlab.train.loop import has_conv, make_optimizer, param_groups, resolve_precision
 
-IMAGE_CASE = [
-    "model.method=comm",
-    "model.embed_dim=128",
-    "model.n_heads=8",
-    "model.head.hidden_dim=512",
-    "model.head.out_dim=128",
-]
-SEQ_CASE = [
-    "model.method=comm",
-    "model.embed_dim=40",
-    "model.n_heads=5",
-    "model.head.hidden_dim=512",
-    "model.head.out_dim=256",
-]
+CASES: dict[str, tuple[str, list[str], list[tuple[int, ...]]]] = {
+    "trifeatures_64px": (
+        "configs/trifeatures/comm.yaml",
+        ["data.params.size=64", "data.batch_size=64"],
+        [(3, 64, 64), (3, 64, 64)],
+    ),
+    "trifeatures_224px": (
+        "configs/trifeatures/comm-224.yaml",
+        ["data.batch_size=16"],
+        [(3, 224, 224), (3, 224, 224)],
+    ),
+    "mosi": ("configs/mosi/comm.yaml", ["data.batch_size=32"], [(50, 20), (50, 300)]),
+}
+ALIASES = {"tri64": "trifeatures_64px", "tri224": "trifeatures_224px", "mosi": "mosi"}
 
 
-def image_case(batch: int) -> tuple[object, Batch, list[str]]:
-    raw = {
-        "model": {
-            "modalities": [
-                {
-                    "encoder": {
-                        "name": "conv",
-                        "params": {"width": 64, "out_channels": 256, "grid": 4},
-                    },
-                    "adapter": {"name": "patch"},
-                },
-            ]
-            * 2
-        },
-        "augment": {"modalities": [{"kind": "image"}, {"kind": "image"}]},
-    }
+def make_views(cfg: ExperimentConfig, shapes: list[tuple[int, ...]]) -> tuple[Batch, Batch]:
     g = torch.Generator().manual_seed(0)
-    x = [
-        torch.randint(0, 256, (batch, 3, 64, 64), generator=g, dtype=torch.uint8) for _ in range(2)
+    b = cfg.data.batch_size
+    xs = [
+        torch.randint(0, 256, (b, *s), generator=g, dtype=torch.uint8)
+        if len(s) == 3
+        else torch.randn(b, *s, generator=g)
+        for s in shapes
     ]
-    return raw, Batch(xs=x, pad=[None, None]), ["image", "image"]
-
-
-def sequence_case(batch: int) -> tuple[object, Batch, list[str]]:
-    enc = {"name": "transformer", "params": {"d_model": 40, "n_layers": 5, "n_heads": 5}}
-    raw = {
-        "model": {"modalities": [{"encoder": enc}, {"encoder": enc}]},
-        "augment": {"modalities": [{"kind": "sequence"}, {"kind": "sequence"}]},
-    }
-    g = torch.Generator().manual_seed(0)
-    x = [torch.randn(batch, 50, 20, generator=g), torch.randn(batch, 50, 300, generator=g)]
-    return raw, Batch(xs=x, pad=[None, None]), ["sequence", "sequence"]
-
-
-def build(raw: dict, overrides: list[str], batch: Batch, kinds: list[str]):
-    from commlab.config import apply_overrides, validate_config
-
-    cfg = validate_config(apply_overrides(raw, overrides))
-    shapes = [tuple(x.shape[1:]) for x in batch.xs]
-    method = build_method(cfg, shapes)
+    kinds = [m.kind for m in cfg.augment.modalities]
     aug = build_augmenter(cfg.augment, kinds)
-    return cfg, method, aug
+    batch = Batch(xs=xs, pad=[None] * len(xs))
+    return aug(batch, g), aug(batch, g)
 
 
-def time_it(fn, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return (time.perf_counter() - t0) / steps
+class Setting:
+    """One way of running the same step: model copy, optimiser, precision, fusion path."""
 
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        shapes: list[tuple[int, ...]],
+        views: tuple[Batch, Batch],
+        *,
+        precision: str,
+        fusion: str,
+        channels_last: bool,
+        fused_adamw: bool,
+        compile: bool = False,
+    ) -> None:
+        torch.manual_seed(0)
+        self.method = build_method(cfg, shapes)
+        if channels_last and has_conv(self.method):
+            self.method.to(memory_format=torch.channels_last)
+        self.method.fusion_path = fusion
+        groups = param_groups(self.method, cfg.optim.weight_decay)
+        self.opt = (
+            make_optimizer(groups, cfg)
+            if fused_adamw
+            else torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+        )
+        self.precision = precision
+        self.views = views
+        self.describe = {
+            "precision": precision,
+            "fusion": fusion,
+            "channels_last": channels_last,
+            "fused_adamw": fused_adamw,
+            "compile": compile,
+        }
+        self.compile_s = None
+        if compile:
+            self.method.compile()
+            t0 = time.perf_counter()
+            self.step()
+            self.compile_s = time.perf_counter() - t0
 
-def run_case(
-    name: str,
-    raw: dict,
-    overrides: list[str],
-    batch: Batch,
-    kinds: list[str],
-    steps: int,
-    peak: float,
-) -> dict:
-    cfg, method, aug = build(raw, overrides, batch, kinds)
-    opt = torch.optim.AdamW(method.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(1)
-    va, vb = aug(batch, gen), aug(batch, gen)
-
-    def step() -> None:
-        out = method.loss(va, vb)
-        opt.zero_grad(set_to_none=True)
+    def step(self) -> None:
+        va, vb = self.views
+        with autocast(torch.device("cpu"), self.precision):
+            out = self.method.loss(va, vb)
+        self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        opt.step()
+        self.opt.step()
 
-    def step_with_aug() -> None:
-        a, b = aug(batch, gen), aug(batch, gen)
-        out = method.loss(a, b)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
 
-    flops = count_flops(lambda: method.loss(va, vb).loss.backward())
-    opt.zero_grad(set_to_none=True)
-    t_step = time_it(step, steps)
-    t_aug = time_it(step_with_aug, max(2, steps // 2))
-    bsz = batch.size
+def auto_settings(
+    cfg: ExperimentConfig, shapes: list[tuple[int, ...]], views: tuple[Batch, Batch]
+) -> tuple[str, str, dict[str, Any]]:
+    """(precision, fusion, notes) as PretrainRun resolves `auto` for this model and batch."""
+    device = torch.device("cpu")
+    precision, why = resolve_precision("auto", device)
+    probe = build_method(cfg, shapes)
+    options = probe.fusion_options(*views)
 
-    # fusion alone: batched (one forward, key masks) vs sequential (one forward per mask)
-    tokens, pads = method.stack(
-        Batch(xs=[torch.cat([a, b]) for a, b in zip(va.xs, vb.xs, strict=True)], pad=[None, None])
-    )
-    tokens = [t.detach().requires_grad_(True) for t in tokens]
+    def timed(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            with autocast(device, precision):
+                out = fn()
+            out.backward()
 
-    def fuse(mode: str):
-        def fn() -> None:
-            outs = getattr(method.fusion, f"fuse_{mode}")(tokens, pads, method.masks)
-            sum(o.sum() for o in outs).backward()
+        return run
 
-        return fn
+    shape_key = ",".join(str(tuple(x.shape)) for x in views[0].xs)
+    key = f"fusion|{device_key(device)}|{precision}|{probe.fusion_signature()}|{shape_key}"
+    fusion, entry = timed_choice(key, {k: timed(f) for k, f in options.items()}, "packed")
+    return precision, fusion, {"precision_reason": why, "fusion_measurement": entry}
 
-    t_batched = time_it(fuse("batched"), steps * 2)
-    t_seq = time_it(fuse("sequential"), steps * 2)
-    return {
-        "case": name,
-        "batch_per_view": bsz,
-        "flops_per_step": flops,
-        "step_s": t_step,
-        "samples_per_s": bsz / t_step,
-        "achieved_flops": flops / t_step,
-        "mfu": flops / t_step / peak,
-        "step_with_augment_s": t_aug,
-        "samples_per_s_with_augment": bsz / t_aug,
-        "mfu_with_augment": flops / t_aug / peak,
-        "fusion_batched_s": t_batched,
-        "fusion_sequential_s": t_seq,
-        "fusion_batched_speedup": t_seq / t_batched,
-        "params": sum(p.numel() for p in method.parameters()),
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def run_case(name: str, rounds: int, with_compile: bool) -> dict[str, Any]:
+    path, overrides, shapes = CASES[name]
+    cfg = load_config(path, [*overrides, "train.precision=fp32"])
+    views = make_views(cfg, shapes)
+    precision, fusion, notes = auto_settings(cfg, shapes, views)
+    base = {"channels_last": False, "fused_adamw": False}
+    best = {"channels_last": True, "fused_adamw": True}
+    settings = {
+        "baseline": Setting(cfg, shapes, views, precision="fp32", fusion="sequential", **base),
+        "packed": Setting(cfg, shapes, views, precision="fp32", fusion="packed", **base),
+        "auto": Setting(cfg, shapes, views, precision=precision, fusion=fusion, **best),
+        "bf16-mixed": Setting(cfg, shapes, views, precision="bf16-mixed", fusion=fusion, **best),
     }
+    if with_compile:
+        settings["compiled"] = Setting(
+            cfg, shapes, views, precision=precision, fusion=fusion, compile=True, **best
+        )
+    flops = step_flops(settings["baseline"].method, *views)
+    fusion_only = settings["baseline"].method.fusion_options(*views)
+    for s in settings.values():  # warm-up (oneDNN primitive caches, allocator)
+        s.step()
+    times: dict[str, list[float]] = {k: [] for k in settings}
+    fusion_times: dict[str, list[float]] = {k: [] for k in fusion_only}
+    peaks: dict[str, list[float]] = {p: [] for p in COMPUTE_DTYPE}
+    loads = []
+    for r in range(rounds):
+        for p, dtype in COMPUTE_DTYPE.items():
+            peaks[p].append(matmul_peak_flops("cpu", dtype))
+        for k, s in settings.items():
+            t0 = time.perf_counter()
+            s.step()
+            times[k].append(time.perf_counter() - t0)
+        for k, fn in fusion_only.items():
+            t0 = time.perf_counter()
+            fn().backward()
+            fusion_times[k].append(time.perf_counter() - t0)
+        loads.append(os.getloadavg()[0])
+        print(f"  {name} round {r + 1}/{rounds}: load {loads[-1]:.1f}", flush=True)
+    base_med = statistics.median(times["baseline"])
+    out: dict[str, Any] = {
+        "case": name,
+        "config": path,
+        "overrides": overrides,
+        "batch_per_view": cfg.data.batch_size,
+        "flops_per_step": flops,
+        "params": sum(p.numel() for p in settings["baseline"].method.parameters()),
+        "auto_picked": {"precision": precision, "fusion": fusion, **notes},
+        "peak_flops": {p: summary(v) for p, v in peaks.items()},
+        "load_average_1min_per_round": loads,
+        "settings": {},
+        "fusion_only_s": {k: summary(v) for k, v in fusion_times.items()},
+    }
+    for k, s in settings.items():
+        dtype_peak = peaks[s.precision]
+        per_round_mfu = [flops / t / p for t, p in zip(times[k], dtype_peak, strict=True)]
+        med = statistics.median(times[k])
+        out["settings"][k] = {
+            **s.describe,
+            "step_s": summary(times[k]),
+            "samples_per_s": cfg.data.batch_size / med,
+            "speedup_vs_baseline": base_med / med,
+            "speedup_vs_baseline_per_round": [
+                b / t for b, t in zip(times["baseline"], times[k], strict=True)
+            ],
+            "mfu": summary(per_round_mfu),
+            "compile_s": s.compile_s,
+        }
+    f = out["fusion_only_s"]
+    out["fusion_packed_speedup"] = f["sequential"]["median"] / f["packed"]["median"]
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    ap.add_argument("--batch", type=int, default=64, help="samples per view")
+    ap.add_argument("--cases", default="tri64,tri224,mosi")
+    ap.add_argument("--compile", default="", help="cases to also time under torch.compile")
     ap.add_argument("--out", default="bench/results/step_throughput.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    peak = matmul_peak_flops("cpu", torch.float32, 1024)
-    results = []
-    for name, make, ov in (
-        ("image_64px", image_case, IMAGE_CASE),
-        ("sequence_mosi", sequence_case, SEQ_CASE),
-    ):
-        raw, batch, kinds = make(args.batch)
-        results.append(run_case(name, raw, ov, batch, kinds, args.steps, peak))
-    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    machine = machine_info()
+    t0 = time.perf_counter()
+    compiled = {ALIASES.get(c, c) for c in args.compile.split(",") if c}
+    cases = [ALIASES.get(c, c) for c in args.cases.split(",")]
+    results = [run_case(c, args.rounds, c in compiled) for c in cases]
     print(
-        f"{'case':<16}{'samples/s':>11}{'GFLOP/s':>10}{'MFU':>7}{'+aug samples/s':>16}{'fusion batched x':>18}"
+        f"\n{machine['cpu']}, {torch.get_num_threads()} threads, load {machine_info()['load_average_1_5_15']}"
     )
+    print(f"{'case':<19}{'setting':<12}{'step ms (min-max)':>24}{'x baseline':>11}{'MFU':>7}")
     for r in results:
+        for k, s in r["settings"].items():
+            st = s["step_s"]
+            rng = f"{st['median'] * 1e3:.0f} ({st['min'] * 1e3:.0f}-{st['max'] * 1e3:.0f})"
+            print(
+                f"{r['case']:<19}{k:<12}{rng:>24}{s['speedup_vs_baseline']:>11.2f}"
+                f"{s['mfu']['median']:>7.2f}"
+            )
         print(
-            f"{r['case']:<16}{r['samples_per_s']:>11.1f}{r['achieved_flops'] / 1e9:>10.1f}{r['mfu']:>7.2f}"
-            f"{r['samples_per_s_with_augment']:>16.1f}{r['fusion_batched_speedup']:>18.2f}"
+            f"{r['case']:<19}auto picked {r['auto_picked']['precision']}, fusion "
+            f"{r['auto_picked']['fusion']}; fusion alone packed x{r['fusion_packed_speedup']:.2f}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"machine": machine_info(), "peak_flops": peak, "results": results}, indent=2)
-    )
+    doc = {
+        "machine": machine,
+        "machine_at_end": machine_info(),
+        "rounds": args.rounds,
+        "wall_s": time.perf_counter() - t0,
+        "mfu_definition": "step FLOPs (fwd+bwd, FlopCounterMode) / step time / dense matmul "
+        "peak of the compute dtype, peaks re-measured every round",
+        "results": results,
+    }
+    out.write_text(json.dumps(doc, indent=2))
     print(f"wrote {out}")
 
 

@@ -226,11 +226,11 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or `resume`) the sweep defined by the search-space file at `path`."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
-    from commlab.sweep.callbacks import CloseChildRuns, ProgressView
+    from commlab.sweep.callbacks import CloseChildRuns, FinishingASHA, ProgressView
     from commlab.sweep.trial import make_trainable
     from commlab.tracking.runs import absolute_uri, check_tracking_uri, default_tracking_uri
 
@@ -300,7 +300,7 @@ def run_sweep(
             space, parent, storage=f"{exp_path}/trains", sweep_name=sweep_name
         )
         if spec.scheduler.name == "asha":
-            scheduler: Any = ASHAScheduler(
+            scheduler: Any = FinishingASHA(
                 time_attr="training_iteration",
                 max_t=space.max_epochs,
                 grace_period=spec.scheduler.grace_period,
