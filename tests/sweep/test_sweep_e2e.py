@@ -122,6 +122,14 @@ def test_smoke_sweep_end_to_end(tmp_path, env):
     assert parent.data.tags["commlab.best_trial_id"] == best.metrics["trial_id"]
     best_value = best.metrics_dataframe["probe/mean/balanced_acc"].max()
     assert float(parent.data.tags["commlab.best_metric"]) == pytest.approx(best_value)
+    # every trial that ran all its epochs logged its checkpoint and R/U/S report (ASHA used to
+    # stop trials at their last report, racing rank 0's final logging)
+    full = [k for k in kids if iterations[k.data.tags["ray.trial_id"]] == 3]
+    for k in full:
+        assert {"commlab.rus.redundancy", "commlab.rus.synergy"} <= set(k.data.tags), (
+            k.info.run_name
+        )
+        assert {a.path for a in client.list_artifacts(k.info.run_id)} >= {"checkpoint", "rus"}
     # every child logged each of its epochs once, plus the sweep's artifacts and plots
     for k in kids:
         steps = [m.step for m in client.get_metric_history(k.info.run_id, "train/loss")]

@@ -115,3 +115,32 @@ def test_a_worker_group_that_never_starts_ends_the_run(space, tmp_path):
 
     t = build_trainer(space.base, RayTrainSettings(), name="n", storage_path=str(tmp_path))
     assert t.run_config.failure_config.controller_failure_limit == CONTROLLER_FAILURE_LIMIT > 0
+
+
+def test_asha_lets_a_trial_finish_its_last_epoch_by_itself():
+    """Ray's ASHA says STOP at every trial's last report, and Tune then kills the trial while
+    rank 0 logs its checkpoint and R/U/S report: those went missing from FINISHED runs."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from commlab.sweep.callbacks import FinishingASHA
+
+    class Trial:
+        trial_id, status = "t", "RUNNING"
+
+    kw = dict(time_attr="training_iteration", max_t=4, grace_period=1, reduction_factor=2)
+    plain, ours = (
+        ASHAScheduler(metric="m", mode="max", **kw),
+        FinishingASHA(metric="m", mode="max", **kw),
+    )
+    for s in (plain, ours):
+        s.on_trial_add(None, Trial())
+    last = {"training_iteration": 4, "m": 0.5}
+    assert plain.on_trial_result(None, Trial(), last) == "STOP"
+    assert ours.on_trial_result(None, Trial(), last) == "CONTINUE"
+    # early stopping at the rungs is ASHA's own
+    losers = FinishingASHA(metric="m", mode="max", **kw)
+    for i, v in enumerate([0.9, 0.8, 0.1]):
+        t = type("T", (), {"trial_id": f"t{i}", "status": "RUNNING"})()
+        losers.on_trial_add(None, t)
+        action = losers.on_trial_result(None, t, {"training_iteration": 1, "m": v})
+    assert action == "STOP"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from rich.console import Console
 
 TRIAL_TAG = "ray.trial_id"
@@ -15,6 +16,23 @@ PARENT_TAG = "mlflow.parentRunId"
 
 
 STOPPED_EARLY_TAG = "commlab.stopped_early"
+
+
+class FinishingASHA(ASHAScheduler):
+    """ASHA that lets a trial end by itself after its last epoch.
+
+    Ray's ASHA answers STOP to every result at `max_t`, i.e. to each trial's last report. Tune
+    then tears the trial down while rank 0 is still logging, after `fit()`, the checkpoint
+    artifact, the config and the R/U/S report: depending on who won that race, FINISHED runs
+    had no R/U/S tags or artifacts (and no checkpoint for `commlab promote`). The rungs and
+    every early-stopping decision are ASHA's own.
+    """
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if result.get(self._time_attr, 0) >= self._max_t:
+            return TrialScheduler.CONTINUE  # the trial function returns right after
+        return action
 
 
 class CloseChildRuns(Callback):
