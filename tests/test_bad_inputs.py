@@ -458,6 +458,19 @@ CASES: dict[str, Case] = {
         ("not reachable",),
         {"MLFLOW_TRACKING_URI": "http://127.0.0.1:{port}"},
     ),
+    "tracking: embed a registered model, server down": Case(
+        lambda w, d: [
+            "embed",
+            "models:/enc@champion",
+            str(w.dataset),
+            "--out",
+            str(d / "e.pq"),
+            "--tracking-uri",
+            _http(w),
+        ],
+        2,
+        ("not reachable",),
+    ),
     "tracking: PostgreSQL down": Case(
         lambda w, d: ["runs", "--tracking-uri", "postgresql://u@127.0.0.1:{port}/db"],
         2,

@@ -394,6 +394,12 @@ def embed(
     from commlab.encoder import embed_dataset, load_encoder
 
     try:
+        if not Path(model_uri).exists():  # a registry or run reference: the store must answer
+            from commlab.tracking.runs import absolute_uri, check_tracking_uri, default_tracking_uri
+
+            check_tracking_uri(
+                absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
+            )
         encoder = load_encoder(model_uri, tracking_uri=tracking_uri, device=device)
         result = embed_dataset(
             encoder, dataset, out, batch_size=batch_size, splits=split, progress=progress
