@@ -134,3 +134,20 @@ def test_sincos_and_patch_adapter():
     # zero input -> tokens are bias + the fixed positional embedding
     torch.testing.assert_close(tokens[0] - ada.proj.bias, pe)
     assert not any(p is ada._pos_cache for p in ada.parameters())
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_no_padding_needs_no_mask_and_equals_all_valid_pads(pool):
+    torch.manual_seed(3)
+    fusion = FusionTransformer(32, 4, 1, pool).eval()
+    lengths = (5, 7)
+    tokens = _tokens(lengths=lengths)
+    no_pads = [None, None]
+    all_valid = _pads(4, lengths, [[5, 5, 5, 5], [7, 7, 7, 7]])
+    assert FusionTransformer._present(tokens, no_pads) is None
+    torch.testing.assert_close(fusion(tokens, no_pads), fusion(tokens, all_valid))
+    for path in ("fuse_batched", "fuse_sequential"):
+        a = getattr(fusion, path)(tokens, no_pads, comm_masks(2))
+        b = getattr(fusion, path)(tokens, all_valid, comm_masks(2))
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)

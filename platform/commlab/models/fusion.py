@@ -1,11 +1,13 @@
 """Fusion transformer over concatenated modality tokens, with modality masking.
 
 Masking a modality means leaving its tokens out. The n_mod+1 masked passes CoMM needs per view
-run as ONE batched forward: the token sequence is repeated once per mask and left-out tokens are
-removed from attention with a key mask. Masked keys get exactly zero attention weight, so this
-equals running the passes one by one on the shorter sequences (`fuse_sequential`, kept as the
-reference and for benchmarks). Padding masks are honoured in every path, and mean pooling
-averages only the tokens that are present and not padding.
+run either packed, as ONE forward (`fuse_batched`: each mask's tokens and its own CLS form a
+segment, segments share rows, a block-diagonal attention mask keeps them apart), or one forward
+per mask on only the selected tokens (`fuse_sequential`). Both give the same numbers; which is
+faster depends on the device (`train.fusion`). Padding masks are honoured in every path, and mean
+pooling averages only the tokens that are present and not padding. Without padding no attention
+mask is built at all, so SDPA takes its fastest kernel and compiled graphs have no data-dependent
+branch.
 """
 
 from __future__ import annotations
