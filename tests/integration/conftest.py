@@ -127,6 +127,9 @@ class RayCluster:
     temp_dir: Path = field(
         default_factory=lambda: Path(tempfile.mkdtemp(prefix="cl-ray-", dir="/tmp"))
     )
+    # every node in one temp dir: the layout of `ray start` twice on one machine without
+    # --temp-dir (both in /tmp/ray), which users try first; kept out of the real /tmp/ray
+    shared_temp_dir: bool = False
 
     @property
     def gcs_address(self) -> str:
@@ -138,7 +141,7 @@ class RayCluster:
 
     def _node_args(self) -> list[str]:
         # each node its own temp dir: nodes sharing one would each tail the other's logs
-        node_dir = self.temp_dir / f"n{len(self.procs)}"
+        node_dir = self.temp_dir / ("shared" if self.shared_temp_dir else f"n{len(self.procs)}")
         ports = {
             "--node-manager-port": free_port(),
             "--object-manager-port": free_port(),

@@ -229,6 +229,37 @@ def test_jobs_stop_mid_sweep_leaves_no_running_run_and_no_reserved_cpu(
     wait_until("all 4 CPUs free", lambda: available_cpus(ray_cluster) == 4.0, 90, every_s=5)
 
 
+@pytest.mark.timeout(900)
+def test_nodes_sharing_one_temp_dir_work_or_say_why(mlflow_server, tmp_path):
+    """Two nodes on one machine in one temp dir (what `ray start` twice gives by default). Ray
+    may then delete a job's working directory when its driver connects; the sweep either runs,
+    or fails naming that cause and the fix, never with a bare "No such file or directory"."""
+    from mlflow.tracking import MlflowClient
+
+    cluster = RayCluster(tmp_path / "c", Auth("disabled"), shared_temp_dir=True)
+    (tmp_path / "c").mkdir()
+    try:
+        cluster.start_head(num_cpus=2)
+        cluster.add_worker(num_cpus=2)
+        mlflow_server.wait_ready()
+        env = {"MLFLOW_TRACKING_URI": mlflow_server.url, "RAY_AUTH_MODE": "disabled"}
+        name = f"shared-tmp-{uuid.uuid4().hex[:6]}"
+        space = tiny_space(tmp_path, epochs=1, num_samples=1, max_concurrent_trials=1)
+        run = commlab(
+            "submit", f"--address={cluster.dashboard_url}", "--follow", "sweep", str(space),
+            "--name", name, "--storage", str(tmp_path / "sweeps"), env=env, timeout=SWEEP_TIMEOUT_S,
+        )  # fmt: skip
+    finally:
+        cluster.stop()
+    out = " ".join((run.stdout + run.stderr).split())
+    if run.returncode == 0:
+        parents, children = sweep_runs(MlflowClient(mlflow_server.url), name)
+        assert [p.info.status for p in parents] == ["FINISHED"] and len(children) == 1
+    else:
+        assert "share a temp dir" in out and "--temp-dir" in out, out[-4000:]
+        assert "Traceback" not in run.stdout, run.stdout[-4000:]
+
+
 @pytest.mark.timeout(180)
 def test_token_auth_wrong_token_is_a_clear_error_right_token_works(tmp_path):
     cluster = RayCluster(tmp_path, Auth("token", "the-cluster-token", "test"))
