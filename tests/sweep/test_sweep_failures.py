@@ -144,3 +144,36 @@ def test_asha_lets_a_trial_finish_its_last_epoch_by_itself():
         losers.on_trial_add(None, t)
         action = losers.on_trial_result(None, t, {"training_iteration": 1, "m": v})
     assert action == "STOP"
+
+
+def test_summary_counts_epochs_and_takes_the_best_value_like_commlab_runs(space, sqlite_uri):
+    """After a resume Tune's training_iteration restarts (1, 2 for epochs 3, 4): the summary
+    counts the trials' own epochs, and shows the best value over history, as `commlab runs`."""
+    import pandas as pd
+
+    from commlab.sweep.run import _summarise
+
+    class Result:
+        def __init__(self, trial_id, epochs, iters, values):
+            self.metrics_dataframe = pd.DataFrame(
+                {"epoch": epochs, "training_iteration": iters, "probe/cls/balanced_acc": values}
+            )
+            self.metrics = {
+                "trial_id": trial_id, "epoch": epochs[-1], "training_iteration": iters[-1],
+                "probe/cls/balanced_acc": values[-1], "checkpoint_path": f"/ck/{trial_id}",
+            }  # fmt: skip
+            self.config, self.error = {"optim.lr": 0.001}, None
+
+    class Grid(list):
+        def get_best_result(self, metric, mode, scope):
+            return max(self, key=lambda r: r.metrics_dataframe[metric].max())
+
+    resumed = Result("a", [2.0, 3.0], [1, 2], [0.7, 0.6])  # epochs 3 and 4 after a resume
+    plain = Result("b", [0.0, 1.0, 2.0, 3.0], [1, 2, 3, 4], [0.5, 0.55, 0.6, 0.65])
+    parent, _ = _open_parent(space, "fail", "/sweeps/fail", sqlite_uri)
+    res = _summarise(space, "fail", "/sweeps/fail", Grid([resumed, plain]), parent, 1.0)
+    by_id = {t["trial_id"]: t for t in res.trials}
+    assert by_id["a"]["iterations"] == 4 and by_id["b"]["iterations"] == 4
+    assert by_id["a"]["metric"] == 0.7 and by_id["a"]["last"] == 0.6  # best, not last
+    assert [e for e, _ in by_id["a"]["history"]] == [3, 4]
+    assert res.best_trial_id == "a" and res.best_metric == 0.7
