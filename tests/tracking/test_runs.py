@@ -31,3 +31,24 @@ def test_non_string_tags_are_stored_as_strings(sqlite_uri):
     ref, _ = open_run(sqlite_uri, "tag-types", "k2", "r2", params={}, tags={"commlab.workers": 0})
     assert MlflowClient(sqlite_uri).get_run(ref.run_id).data.tags["commlab.workers"] == "0"
     finish_run(ref, "FINISHED")
+
+
+def test_embeddings_file_has_ordinary_permissions(trained, tmp_path):
+    """`commlab embed` writes through a private temp file (mkstemp: 0600); the finished file
+    gets the permissions the umask gives any other file."""
+    import os
+    import stat
+
+    from typer.testing import CliRunner
+
+    from commlab.cli import app
+
+    out = tmp_path / "emb.parquet"
+    old = os.umask(0o022)
+    try:
+        args = ["embed", str(trained.checkpoints[-1]), str(trained.dataset), "--out", str(out)]
+        res = CliRunner().invoke(app, [*args, "--no-progress"])
+    finally:
+        os.umask(old)
+    assert res.exit_code == 0, res.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
