@@ -161,3 +161,46 @@ class TokenEmbedding(nn.Module):
     def forward(self, x: Tensor, pad: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         h = self.embed(x) + self.pos[:, : x.shape[1]]
         return self.encoder(h, src_key_padding_mask=pad), pad
+
+
+@ENCODERS.register("alexnet")
+class AlexNetEncoder(nn.Module):
+    """The convolutional `features` stack of AlexNet (torchvision's layout, random init), the
+    paper's Trifeatures encoder, written in plain torch (torchvision is not importable beside every
+    torch build).
+
+    conv11/4 64 -> ReLU -> maxpool3/2 -> conv5 192 -> ReLU -> maxpool3/2 -> conv3 384 -> ReLU
+    -> conv3 256 -> ReLU -> conv3 256 -> ReLU -> maxpool3/2, then an adaptive average pool to a
+    `grid` x `grid` map (AlexNet's is 6). Input (B, C, H, W) float, H, W >= 63; output
+    (B, 256, grid, grid): (B, 256, 6, 6) at 224 px, i.e. 36 tokens through the `patch` adapter.
+    """
+
+    def __init__(self, in_channels: int = 3, grid: int = 6) -> None:
+        super().__init__()
+        if in_channels <= 0 or grid <= 0:
+            raise ValueError("alexnet encoder: in_channels and grid must be positive")
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 64, kernel_size=11, stride=4, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(64, 192, kernel_size=5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(192, 384, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.out_dim = 256
+        self.grid = grid
+
+    def forward(self, x: Tensor, pad: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if x.dim() != 4 or min(x.shape[-2:]) < 63:
+            raise ValueError(
+                f"alexnet encoder expects (B, C, H, W) with H, W >= 63, got {tuple(x.shape)}"
+            )
+        return self.pool(self.features(x)), None
