@@ -18,7 +18,7 @@ def build_data(name: str, path: str, seed: int, params: dict[str, Any]) -> DataB
 
 def _register_builtin() -> None:
     # Imported lazily so that `import commlab.data` stays cheap; each module registers itself.
-    from commlab.data import generic, trifeatures  # noqa: F401
+    from commlab.data import generic, synthetic, trifeatures  # noqa: F401
 
 
 __all__ = ["Batch", "DataBundle", "Modality", "MultimodalDataset", "Task", "DATASETS", "build_data"]
