@@ -62,7 +62,7 @@ def test_unknown_importer_and_option(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no option(s) image_size" in text(result)
 
 
-def test_help_warns_about_pickles() -> None:
+def test_help_says_pickles_are_loaded_restricted() -> None:
     result = runner.invoke(app, ["data", "import", "--help"])
     assert result.exit_code == 0
-    assert "pickle" in text(result) and "trust" in text(result)
+    assert "restricted unpickler" in text(result) and "refused" in text(result)
