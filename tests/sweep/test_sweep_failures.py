@@ -177,3 +177,30 @@ def test_summary_counts_epochs_and_takes_the_best_value_like_commlab_runs(space,
     assert by_id["a"]["metric"] == 0.7 and by_id["a"]["last"] == 0.6  # best, not last
     assert [e for e, _ in by_id["a"]["history"]] == [3, 4]
     assert res.best_trial_id == "a" and res.best_metric == 0.7
+
+
+def test_a_stopped_trials_reported_epochs_all_reach_mlflow(space, sqlite_uri):
+    """ASHA tears a stopped trial down right after its report; its rank 0 logs that epoch only
+    after the report. The driver logs what Tune saw and the run lacks, once."""
+    from commlab.sweep.callbacks import CloseChildRuns
+    from commlab.tracking.runs import RunLogger
+
+    parent, _ = _open_parent(space, "fail", "/sweeps/fail", sqlite_uri)
+    child = _child(parent, "t0", "RUNNING")
+    RunLogger(RunRef(sqlite_uri, parent.experiment_id, child)).log_epoch(0, {"train/loss": 2.0})
+
+    class Trial:
+        trial_id = "t0"
+        last_result = {"epoch": 1.0, "training_iteration": 2}
+
+    close = CloseChildRuns(parent, max_epochs=4)
+    close.SETTLE_S = 0.0
+    for epoch, loss in [(0, 2.0), (1, 1.5)]:
+        result = {"epoch": float(epoch), "train/loss": loss, "probe/cls/C": 1.0, "pid": 7}
+        close.on_trial_result(epoch, [], Trial(), result)
+    close.on_trial_complete(2, [], Trial())
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(child)
+    assert run.info.status == "FINISHED" and run.data.tags["commlab.stopped_early"] == "true"
+    assert [m.step for m in client.get_metric_history(child, "train/loss")] == [0, 1]
+    assert "pid" not in run.data.metrics and "probe/cls/C" not in run.data.metrics

@@ -16,6 +16,7 @@ PARENT_TAG = "mlflow.parentRunId"
 
 
 STOPPED_EARLY_TAG = "commlab.stopped_early"
+METRIC_NAMESPACES = ("train", "val", "probe", "perf")
 
 
 class FinishingASHA(ASHAScheduler):
@@ -42,9 +43,40 @@ class CloseChildRuns(Callback):
     scheduler working, not a failure: Tune's own MLflowLoggerCallback also ends such trials
     FINISHED), error -> FAILED. A run already terminal keeps its status."""
 
+    # How long to let a stopped trial's rank 0 finish logging the epoch it just reported
+    # before the driver logs what is still missing (it logs each epoch *after* reporting it).
+    SETTLE_S = 3.0
+
     def __init__(self, parent: Any, max_epochs: int) -> None:
         self.parent = parent
         self.max_epochs = max_epochs
+        self.reported: dict[str, dict[int, dict[str, float]]] = {}  # trial -> epoch -> metrics
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        epoch = result.get("epoch")
+        if isinstance(epoch, int | float) and not isinstance(epoch, bool):
+            self.reported.setdefault(trial.trial_id, {})[int(epoch)] = {
+                k: v
+                for k, v in result.items()
+                if k.split("/", 1)[0] in METRIC_NAMESPACES and isinstance(v, int | float)
+            }
+
+    def _backfill(self, trial: Any, run_id: str) -> None:
+        """Log the epochs Tune saw that the run lacks. A trial stopped by ASHA is torn down
+        right after its report, and its rank 0 logs that epoch to MLflow only after the
+        report: without this, a trial stopped at its first rung could have no metrics."""
+        from commlab.tracking.runs import RunLogger, RunRef
+
+        seen = self.reported.get(trial.trial_id, {})
+        ref = RunRef(self.parent.tracking_uri, self.parent.experiment_id, run_id)
+        if not seen or set(seen) <= RunLogger(ref).logged_epochs:
+            return
+        time.sleep(self.SETTLE_S)
+        logger = RunLogger(ref)  # re-read: rank 0 may have finished meanwhile
+        for epoch in sorted(set(seen) - logger.logged_epochs):
+            logger.log_epoch(epoch, seen[epoch])
 
     def _close(self, trial: Any, status: str, tags: dict[str, str] | None = None) -> None:
         from commlab.tracking import finish_run
@@ -60,6 +92,7 @@ class CloseChildRuns(Callback):
         )
         for run in runs:
             ref = RunRef(self.parent.tracking_uri, self.parent.experiment_id, run.info.run_id)
+            self._backfill(trial, run.info.run_id)
             if tags:
                 set_tags(client, run.info.run_id, tags)
             finish_run(ref, status)
