@@ -99,15 +99,21 @@ def test_paper_configs_hold_the_paper_protocol(method: str) -> None:
     assert n == 2 * ALEXNET_FEATURE_PARAMS
 
 
+@pytest.fixture(scope="module")
+def dry_run_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One rendered tiny Trifeatures for the three methods (the builder reuses it)."""
+    return tmp_path_factory.mktemp("trifeatures")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_paper_protocol_dry_run(method: str, tmp_path: Path) -> None:
+def test_paper_protocol_dry_run(method: str, dry_run_data: Path, tmp_path: Path) -> None:
     """One epoch of the real pretrain path on a tiny subset: finite loss and R/U/S probes."""
     from commlab.train.local import pretrain_local
 
     cfg = load_config(
         PAPER / f"{method}-paper.yaml",
-        [*DRY_RUN, f"data.path={tmp_path / 'data'}", f"train.out_dir={tmp_path / 'runs'}"],
+        [*DRY_RUN, f"data.path={dry_run_data}", f"train.out_dir={tmp_path / 'runs'}"],
     )
     result = pretrain_local(cfg, tmp_path / "run", tracking=False)
     m = result.metrics
