@@ -265,15 +265,20 @@ def test_mfu_uses_the_step_flops_and_the_compute_dtype_peak(perf_cache, monkeypa
 
 @pytest.mark.slow
 def test_compiled_step_equals_eager(perf_cache):
-    over = ("train.epochs=1", "train.probe_every=0", "train.max_steps_per_epoch=3")
+    over = ("train.epochs=2", "train.probe_every=0", "train.max_steps_per_epoch=1")
     over = (*over, "train.fusion=sequential", "model.dropout=0.0")
     eager = PretrainRun(toy_config("comm", over), data=_bundle())
     compiled = PretrainRun(toy_config("comm", (*over, "train.compile=true")), data=_bundle())
     m_e, m_c = eager.run_epoch(0), compiled.run_epoch(0)
     assert compiled.compiled and not eager.compiled
     assert compiled.method._compiled_call_impl is not None
-    assert m_c["train/loss"] == pytest.approx(m_e["train/loss"], rel=1e-4, abs=1e-5)
+    assert m_c["train/loss"] == pytest.approx(m_e["train/loss"], rel=1e-5, abs=1e-6)
+    # gradients of the first step; parameters are not compared: AdamW's first update is about
+    # lr * sign(grad), so a gradient that is zero up to rounding (the attention's key bias)
+    # moves either way
     for (name, a), b in zip(
-        eager.method.state_dict().items(), compiled.method.state_dict().values(), strict=True
+        eager.method.named_parameters(), compiled.method.parameters(), strict=True
     ):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=name)
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-3, msg=name)
+    m_e, m_c = eager.run_epoch(1), compiled.run_epoch(1)
+    assert m_c["train/loss"] == pytest.approx(m_e["train/loss"], rel=1e-3)
