@@ -215,6 +215,23 @@ def _cwd() -> str | None:
         return None
 
 
+def working_dir_lost(before: str | None) -> str | None:
+    """When the working directory `before` is gone: what happened and what to do (else None).
+
+    Raised by `check_working_dir` right after connecting; a sweep also checks at its end,
+    because the deletion can come later, when a trial's runtime env is set up on the other
+    node (files read before then, like the search space, are unaffected).
+    """
+    if before is None or os.path.isdir(before):
+        return None
+    return (
+        f"this job's working directory {before} was deleted while it ran: two Ray nodes on "
+        "one machine share a temp dir (the default /tmp/ray), and one node's runtime-env agent "
+        "removed the job's files as unused. Start each node on this machine with its own "
+        "--temp-dir (ray start ... --temp-dir /tmp/ray-<node>), or run one node per machine"
+    )
+
+
 def check_working_dir(before: str | None) -> None:
     """Raise when this process's working directory vanished while it connected to Ray.
 

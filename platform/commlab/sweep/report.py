@@ -213,7 +213,10 @@ def print_next_steps(space: LoadedSpace, parent: Any, result: Any, console: Cons
         f"  commlab promote --sweep {result.name} --model {model} --alias champion",
         where,
     ]
-    if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///") :]).parent != Path.cwd():
+    from commlab.cluster import _cwd
+
+    here = _cwd()  # None when a job's working directory was deleted under it (see cluster.py)
+    if uri.startswith("sqlite:///") and str(Path(uri[len("sqlite:///") :]).parent) != here:
         lines.append(f"  (from another directory add --tracking-uri {uri})")
     for line in lines:
         console.print(line, highlight=False, markup=False, soft_wrap=True)

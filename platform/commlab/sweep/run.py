@@ -270,6 +270,9 @@ def run_sweep(
                 "Stop the other instance, or join it with --address."
             )
     _quiet_libraries()
+    from commlab.cluster import _cwd
+
+    cwd = _cwd()
     started = _connect(space, address, embedded)
     t0 = time.perf_counter()
     parent = None
@@ -352,6 +355,15 @@ def run_sweep(
                 run_config=run_config,
             )
         grid_result = tuner.fit()
+        if not embedded:
+            from commlab.cluster import working_dir_lost
+
+            lost = working_dir_lost(cwd)
+            if lost:
+                console.print(f"[yellow]warning:[/] {lost}", soft_wrap=True)
+                import tempfile
+
+                os.chdir(tempfile.gettempdir())  # the summary and plots still need a CWD
         wall = time.perf_counter() - t0
         result = _summarise(space, sweep_name, exp_path, grid_result, parent, wall)
         from commlab.sweep.report import finish_parent
