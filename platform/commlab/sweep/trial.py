@@ -1,12 +1,24 @@
-"""One sweep trial: a Tune function trainable that runs a Ray Train (V2) pretraining run.
+"""One sweep trial: a Tune function trainable that pretrains one configuration.
+
+Single-worker CPU trials with local storage train in the Tune function's own process
+(`run_in_process`): starting a Ray Train controller and worker group per trial cost more than
+the smoke sweep's trials trained. Multi-worker (or GPU, or remote-storage) trials run a Ray
+Train (V2) `TorchTrainer` with `TuneReportCallback`. Either way the checkpoints of a trial live
+in `<storage>/train-trial_id=<id>/checkpoint_*` and a restarted trial resumes from its last one;
+each epoch is one Tune result carrying `checkpoint_path`. What the in-process runner does not
+do is restart a crashed worker inside the trial (Train's `max_failures`): the trial errors, and
+`commlab sweep --resume` continues it from its last checkpoint.
 
 The trial's MLflow child run is nested under the sweep's parent run and keyed by the trial id,
-so a resumed sweep (or a retried trial) logs into the same child run. The inner Train run is
-named `train-trial_id=<id>`: a restarted trial resumes it from its last checkpoint.
+so a resumed sweep (or a retried trial) logs into the same child run.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from commlab.config import ExperimentConfig, apply_overrides, flatten, validate_config
@@ -21,6 +33,66 @@ def trial_config(
     base_raw: dict[str, Any], overrides: list[str], max_epochs: int
 ) -> ExperimentConfig:
     return validate_config(apply_overrides(base_raw, [*overrides, f"train.epochs={max_epochs}"]))
+
+
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def in_process(resources: dict[str, Any], storage: str) -> bool:
+    """Whether a trial with these resources runs in the Tune function's own process."""
+    return resources["workers"] == 1 and not resources["gpus_per_worker"] and "://" not in storage
+
+
+def latest_checkpoint(train_dir: Path) -> Path | None:
+    done = sorted(
+        p for p in train_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "checkpoint.pt").is_file()
+    )
+    return done[-1] if done else None
+
+
+def run_in_process(
+    cfg: ExperimentConfig,
+    ref: Any,
+    train_dir: Path,
+    selection: dict[str, str],
+    threads: int,
+    keep: int = 2,
+) -> dict[str, Any]:
+    """Train `cfg` here, reporting each epoch to Tune with its checkpoint copied (atomically) to
+    `train_dir/checkpoint_<epoch>`; the last `keep` are kept. Resumes from the latest one."""
+    import torch
+    from ray import tune
+
+    from commlab.train.loop import WorkerContext
+    from commlab.train.worker import report_metrics, resume, run_training, worker_device
+
+    if not cfg.train.threads:
+        torch.set_num_threads(max(1, threads))  # Ray gives the trial's actor 1 OpenMP thread
+    train_dir.mkdir(parents=True, exist_ok=True)
+    start = latest_checkpoint(train_dir)
+
+    def report(
+        metrics: dict[str, float], directory: str, epoch: int, log: Callable[[], None]
+    ) -> None:
+        dst = train_dir / f"{CHECKPOINT_PREFIX}{epoch:06d}"
+        tmp = train_dir / f".partial-{CHECKPOINT_PREFIX}{epoch:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(directory, tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+        done = sorted(train_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log()  # before the report: ASHA may stop this process right at it
+        tune.report({**report_metrics(metrics, selection), "checkpoint_path": str(dst)})
+
+    return run_training(
+        cfg,
+        WorkerContext(device=worker_device(cfg)),
+        report,
+        run_ref=ref,
+        resume_from=(lambda run: resume(run, start)) if start is not None else None,
+    )
 
 
 def make_trainable(space: LoadedSpace, parent: Any, storage: str, sweep_name: str) -> Any:
@@ -58,6 +130,19 @@ def make_trainable(space: LoadedSpace, parent: Any, storage: str, sweep_name: st
                 **{f"commlab.param.{k}": str(v) for k, v in config.items()},
             },
         )
+        name = f"train-trial_id={trial_id}"
+        if in_process(resources, storage):
+            selection = {"metric": metric, "mode": mode}
+            train_dir = Path(storage) / name
+            threads = int(resources["cpus_per_worker"])
+            # an exception (or ASHA stopping the trial) leaves the run to CloseChildRuns
+            outcome = run_in_process(cfg, ref, train_dir, selection, threads)
+            if outcome.get("status") == "nonfinite":
+                finish_run(ref, "FAILED", outcome.get("error"))
+                raise RuntimeError(f"trial {trial_id}: {outcome.get('error')}")
+            finish_run(ref, "FINISHED")
+            return
+
         settings = RayTrainSettings(
             workers=resources["workers"],
             cpus_per_worker=resources["cpus_per_worker"],
@@ -69,7 +154,7 @@ def make_trainable(space: LoadedSpace, parent: Any, storage: str, sweep_name: st
         trainer = build_trainer(
             cfg,
             settings,
-            name=f"train-trial_id={trial_id}",
+            name=name,
             storage_path=storage,
             run=ref,
             callbacks=[TuneReportCallback()],

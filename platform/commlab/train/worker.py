@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,70 @@ def _kill_if_planned(plan: dict[str, Any] | None, epoch: int, rank: int) -> None
 
 
 # ---------------------------------------------------------------- the worker function
+Report = Callable[[dict[str, float], str, int, Callable[[], None]], None]
+
+
+def run_training(
+    cfg: ExperimentConfig,
+    ctx: WorkerContext,
+    report: Report,
+    *,
+    run_ref: Any = None,
+    resume_from: Callable[[PretrainRun], dict[str, float]] | None = None,
+    hooks: dict[str, Any] | None = None,
+    sync_bn: bool = True,
+) -> dict[str, Any]:
+    """One worker's pretraining with per-epoch checkpoints, wherever it runs (a Ray Train
+    worker, or a sweep trial's own process). `report(metrics, checkpoint_dir, epoch)` hands each
+    epoch's checkpoint directory to the runner (a barrier under Ray Train); `resume_from(run)`
+    loads the checkpoint to continue from and returns its metrics; rank 0 logs to `run_ref`'s
+    MLflow run. `report(metrics, checkpoint_dir, epoch, log)` calls `log()` (rank 0's progress
+    line and MLflow epoch) once the checkpoint is committed; under Ray Train after the report,
+    in a trial's own process before it (ASHA may end the process at that report).
+    Returns {"status": "finished" | "nonfinite", "epoch", "error"}."""
+    run = build_run(cfg, ctx, hooks, sync_bn=sync_bn)
+    resumed = resume_from(run) if resume_from is not None else {}
+
+    logger = None
+    if ctx.rank == 0 and run_ref is not None:
+        from commlab.tracking import RunLogger
+
+        logger = RunLogger(run_ref)
+        attempt = int(logger.client.get_run(logger.ref.run_id).data.tags.get("commlab.attempts", 0))
+        logger.set_tags({"commlab.attempts": attempt + 1, "commlab.workers": ctx.world_size})
+        if resume_from is not None:
+            logger.set_tags({"commlab.resumed_from_epoch": run.epoch})
+            if run.epoch > 0 and resumed:
+                logger.log_epoch(run.epoch - 1, resumed)
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float], r: PretrainRun) -> None:
+        def log() -> None:
+            if ctx.rank == 0:
+                print(format_progress(epoch, cfg.train.epochs, metrics), flush=True)
+                if logger is not None:
+                    logger.log_epoch(epoch, metrics)
+
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+            if ctx.rank == 0:
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, checkpoint_payload(r, metrics))
+            else:
+                torch.save(rng_state(), Path(tmp) / f"rng-rank{ctx.rank}.pt")
+            report(metrics, tmp, epoch, log)
+
+    try:
+        final = run.fit(on_epoch_end)
+    except NonFiniteLossError as err:
+        return {"status": "nonfinite", "epoch": run.epoch, "error": str(err)}
+    final = final or resumed  # an attempt that resumed after the last epoch trains nothing
+    if logger is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_checkpoint(Path(tmp) / CHECKPOINT_FILE, checkpoint_payload(run, final))
+            logger.log_artifact(path, "checkpoint")
+        logger.log_text(to_yaml(cfg), "config.yaml")
+        logger.log_rus(final, run.data.probe.tasks, title=f"{cfg.name} ({cfg.model.method})")
+    return {"status": "finished", "epoch": run.epoch, "error": None}
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point. `config`: cfg (ExperimentConfig as JSON), run (RunRef or None),
     selection ({"metric", "mode"}), sync_batchnorm (bool, default True), hooks (test-only, see
@@ -281,49 +346,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     selection = config.get("selection") or {"metric": "train/loss", "mode": "min"}
     tctx = ray.train.get_context()
     ctx = WorkerContext(tctx.get_world_rank(), tctx.get_world_size(), worker_device(cfg))
-    run = build_run(cfg, ctx, hooks, sync_bn=bool(config.get("sync_batchnorm", True)))
-
-    resumed: dict[str, float] = {}
     start = ray.train.get_checkpoint()
-    if start is not None:
+
+    def resume_from(run: PretrainRun) -> dict[str, float]:
+        assert start is not None
         with start.as_directory() as d:
-            resumed = resume(run, d)
+            return resume(run, d)
 
-    logger = None
-    if ctx.rank == 0 and config.get("run") is not None:
-        from commlab.tracking import RunLogger
-
-        logger = RunLogger(config["run"])
-        attempt = int(logger.client.get_run(logger.ref.run_id).data.tags.get("commlab.attempts", 0))
-        logger.set_tags({"commlab.attempts": attempt + 1, "commlab.workers": ctx.world_size})
-        if start is not None:
-            logger.set_tags({"commlab.resumed_from_epoch": run.epoch})
-            if run.epoch > 0 and resumed:
-                logger.log_epoch(run.epoch - 1, resumed)
-
-    def on_epoch_end(epoch: int, metrics: dict[str, float], r: PretrainRun) -> None:
-        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
-            if ctx.rank == 0:
-                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, checkpoint_payload(r, metrics))
-            else:
-                torch.save(rng_state(), Path(tmp) / f"rng-rank{ctx.rank}.pt")
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(report_metrics(metrics, selection), checkpoint=ckpt)
+    def report(
+        metrics: dict[str, float], directory: str, epoch: int, log: Callable[[], None]
+    ) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(report_metrics(metrics, selection), checkpoint=ckpt)
         _kill_if_planned(hooks.get("kill"), epoch, ctx.rank)
-        if ctx.rank == 0:
-            print(format_progress(epoch, cfg.train.epochs, metrics), flush=True)
-            if logger is not None:
-                logger.log_epoch(epoch, metrics)
+        log()
 
-    try:
-        final = run.fit(on_epoch_end)
-    except NonFiniteLossError as err:
-        return {"status": "nonfinite", "epoch": run.epoch, "error": str(err)}
-    final = final or resumed  # an attempt that resumed after the last epoch trains nothing
-    if logger is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_checkpoint(Path(tmp) / CHECKPOINT_FILE, checkpoint_payload(run, final))
-            logger.log_artifact(path, "checkpoint")
-        logger.log_text(to_yaml(cfg), "config.yaml")
-        logger.log_rus(final, run.data.probe.tasks, title=f"{cfg.name} ({cfg.model.method})")
-    return {"status": "finished", "epoch": run.epoch, "error": None}
+    return run_training(
+        cfg,
+        ctx,
+        report,
+        run_ref=config.get("run"),
+        resume_from=resume_from if start is not None else None,
+        hooks=hooks,
+        sync_bn=bool(config.get("sync_batchnorm", True)),
+    )
