@@ -282,6 +282,8 @@ def build_job(
         # sweep driver to close its MLflow runs and leave Ray (which frees the trials' CPUs)
         STOP_WAIT_ENV: os.environ.get(STOP_WAIT_ENV, "30"),
     }
+    if os.environ.get("COMMLAB_DEBUG"):  # tracebacks in the job's logs too
+        env_vars["COMMLAB_DEBUG"] = os.environ["COMMLAB_DEBUG"]
     auth = auth if auth is not None else resolve_auth()
     if auth.mode is not None:
         env_vars["RAY_AUTH_MODE"] = auth.mode

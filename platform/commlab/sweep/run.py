@@ -273,6 +273,16 @@ def run_sweep(
     from commlab.cluster import _cwd
 
     cwd = _cwd()
+    if not embedded and cwd is not None:
+        # Everything relative is resolved by now. A job's working directory can be deleted
+        # under the driver (two nodes on one machine sharing a temp dir): work from a
+        # directory that stays, and say what happened at the end.
+        import tempfile
+
+        os.chdir(tempfile.gettempdir())
+        job_cwd: str | None = cwd
+    else:
+        job_cwd = None
     started = _connect(space, address, embedded)
     t0 = time.perf_counter()
     parent = None
@@ -355,20 +365,17 @@ def run_sweep(
                 run_config=run_config,
             )
         grid_result = tuner.fit()
-        if not embedded:
-            from commlab.cluster import working_dir_lost
-
-            lost = working_dir_lost(cwd)
-            if lost:
-                console.print(f"[yellow]warning:[/] {lost}", soft_wrap=True)
-                import tempfile
-
-                os.chdir(tempfile.gettempdir())  # the summary and plots still need a CWD
         wall = time.perf_counter() - t0
         result = _summarise(space, sweep_name, exp_path, grid_result, parent, wall)
         from commlab.sweep.report import finish_parent
 
         finish_parent(space, parent, result, console)
+        if job_cwd is not None:
+            from commlab.cluster import working_dir_lost
+
+            lost = working_dir_lost(job_cwd)
+            if lost:
+                console.print(f"[yellow]warning:[/] {lost}", soft_wrap=True)
         if result.trials and all(t["error"] for t in result.trials):
             raise SweepFailedError(
                 f"every trial of sweep {sweep_name} failed; first error: {result.trials[0]['error']}"
@@ -380,6 +387,8 @@ def run_sweep(
         raise
     finally:
         stack.close()
+        if job_cwd is not None and os.path.isdir(job_cwd):
+            os.chdir(job_cwd)
         if started:
             import ray
 
