@@ -159,7 +159,7 @@ def summary(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def run_case(name: str, rounds: int, with_compile: bool) -> dict[str, Any]:
+def run_case(name: str, rounds: int, with_compile: bool, with_bf16: bool = True) -> dict[str, Any]:
     path, overrides, shapes = CASES[name]
     cfg = load_config(path, [*overrides, "train.precision=fp32"])
     views = make_views(cfg, shapes)
@@ -170,8 +170,11 @@ def run_case(name: str, rounds: int, with_compile: bool) -> dict[str, Any]:
         "baseline": Setting(cfg, shapes, views, precision="fp32", fusion="sequential", **base),
         "packed": Setting(cfg, shapes, views, precision="fp32", fusion="packed", **base),
         "auto": Setting(cfg, shapes, views, precision=precision, fusion=fusion, **best),
-        "bf16-mixed": Setting(cfg, shapes, views, precision="bf16-mixed", fusion=fusion, **best),
     }
+    if with_bf16:
+        settings["bf16-mixed"] = Setting(
+            cfg, shapes, views, precision="bf16-mixed", fusion=fusion, **best
+        )
     if with_compile:
         settings["compiled"] = Setting(
             cfg, shapes, views, precision=precision, fusion=fusion, compile=True, **best
@@ -237,6 +240,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     ap.add_argument("--cases", default="tri64,tri224,mosi")
     ap.add_argument("--compile", default="", help="cases to also time under torch.compile")
+    ap.add_argument("--bf16", default="all", help="cases to time bf16-mixed in (all or a list)")
     ap.add_argument("--out", default="bench/results/step_throughput.json")
     args = ap.parse_args()
     if args.threads:
@@ -245,7 +249,13 @@ def main() -> None:
     t0 = time.perf_counter()
     compiled = {ALIASES.get(c, c) for c in args.compile.split(",") if c}
     cases = [ALIASES.get(c, c) for c in args.cases.split(",")]
-    results = [run_case(c, args.rounds, c in compiled) for c in cases]
+    bf16 = set(cases) if args.bf16 == "all" else {ALIASES.get(c, c) for c in args.bf16.split(",")}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for c in cases:  # the JSON is rewritten after every case: a long run keeps what it measured
+        results.append(run_case(c, args.rounds, c in compiled, c in bf16))
+        write(out, machine, args.rounds, time.perf_counter() - t0, results)
     print(
         f"\n{machine['cpu']}, {torch.get_num_threads()} threads, load {machine_info()['load_average_1_5_15']}"
     )
@@ -262,19 +272,20 @@ def main() -> None:
             f"{r['case']:<19}auto picked {r['auto_picked']['precision']}, fusion "
             f"{r['auto_picked']['fusion']}; fusion alone packed x{r['fusion_packed_speedup']:.2f}"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {out}")
+
+
+def write(out: Path, machine: dict[str, Any], rounds: int, wall: float, results: list) -> None:
     doc = {
         "machine": machine,
         "machine_at_end": machine_info(),
-        "rounds": args.rounds,
-        "wall_s": time.perf_counter() - t0,
+        "rounds": rounds,
+        "wall_s": wall,
         "mfu_definition": "step FLOPs (fwd+bwd, FlopCounterMode) / step time / dense matmul "
         "peak of the compute dtype, peaks re-measured every round",
         "results": results,
     }
     out.write_text(json.dumps(doc, indent=2))
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
