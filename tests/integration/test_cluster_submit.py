@@ -299,8 +299,14 @@ def test_another_ray_instance_on_the_machine_is_detected(tmp_path):
     cluster = RayCluster(tmp_path, Auth("disabled"))
     try:
         cluster.start_head(num_cpus=1)
-        # Ray advertises the machine's address, not 127.0.0.1: compare ports
-        new = {a.rsplit(":", 1)[1] for a in set(_other_ray_instances()) - before}
+        # Ray advertises the machine's address, not 127.0.0.1: compare ports. `ray start` may
+        # return before its raylet shows its flags to ps on a loaded machine: look for a while.
+        deadline, new = time.monotonic() + 60, set()
+        while time.monotonic() < deadline:
+            new = {a.rsplit(":", 1)[1] for a in set(_other_ray_instances()) - before}
+            if new:
+                break
+            time.sleep(1)
         assert new == {str(cluster.gcs_port)}
     finally:
         cluster.stop()

@@ -347,21 +347,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     tctx = ray.train.get_context()
     ctx = WorkerContext(tctx.get_world_rank(), tctx.get_world_size(), worker_device(cfg))
     start = ray.train.get_checkpoint()
+    reported: list[int] = []
+    resumed: dict[str, float] = {}
 
     def resume_from(run: PretrainRun) -> dict[str, float]:
         assert start is not None
         with start.as_directory() as d:
-            return resume(run, d)
+            resumed.update(resume(run, d))
+        return resumed
 
     def report(
         metrics: dict[str, float], directory: str, epoch: int, log: Callable[[], None]
     ) -> None:
         ckpt = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(report_metrics(metrics, selection), checkpoint=ckpt)
+        reported.append(epoch)
         _kill_if_planned(hooks.get("kill"), epoch, ctx.rank)
         log()
 
-    return run_training(
+    outcome = run_training(
         cfg,
         ctx,
         report,
@@ -370,3 +374,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         hooks=hooks,
         sync_bn=bool(config.get("sync_batchnorm", True)),
     )
+    if not reported and start is not None and outcome["status"] == "finished":
+        # resumed after the last epoch (every rank alike): report its result once more, so a
+        # Tune trial restarted at that point still ends with its metric
+        ray.train.report(report_metrics(resumed, selection))
+    return outcome
