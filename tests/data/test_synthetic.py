@@ -167,3 +167,18 @@ def test_pretrain_smoke_through_config(method: str, tmp_path: Path) -> None:
     for task in ("share", "unique1", "unique2", "synergy"):
         assert 0.0 <= result.metrics[f"probe/{task}/balanced_acc"] <= 1.0
     assert result.rus is not None and "synergy" in result.rus
+
+
+def test_generated_dataset_has_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = generate_synthetic(tmp_path, **SMALL)
+    finally:
+        os.umask(old)
+    dirs = [out, *(p for p in out.rglob("*") if p.is_dir())]
+    assert all(stat.S_IMODE(d.stat().st_mode) == 0o755 for d in dirs)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)

@@ -363,3 +363,20 @@ def test_builder_adds_colour_diagnostics_from_the_attributes(tmp_path: Path) -> 
     for c, img in zip(colour2, img2, strict=True):
         pixels = img.reshape(3, -1).T
         assert (pixels == tri.COLOUR_UINT8[c]).all(1).any()
+
+
+def test_generated_dataset_has_ordinary_permissions(tmp_path: Path) -> None:
+    """Rendered in a private temp dir (mkdtemp: 0700), the finished dataset is as readable as
+    anything else the user writes, e.g. by a Ray node's user."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        out = tri.generate_trifeatures(tmp_path, seed=0, progress=False, **SMALL)
+    finally:
+        os.umask(old)
+    dirs = [out, *(p for p in out.rglob("*") if p.is_dir())]
+    assert all(stat.S_IMODE(d.stat().st_mode) == 0o755 for d in dirs)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)

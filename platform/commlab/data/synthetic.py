@@ -49,7 +49,13 @@ import torch
 
 from commlab.data import DATASETS
 from commlab.data.base import DataBundle, Modality, MultimodalDataset, Task
-from commlab.data.parquet import FORMAT_VERSION, read_dataset, validate_dataset, write_dataset
+from commlab.data.parquet import (
+    FORMAT_VERSION,
+    read_dataset,
+    shareable,
+    validate_dataset,
+    write_dataset,
+)
 
 GENERATOR_VERSION = 1  # bump when generation changes: it is part of the fingerprint
 
@@ -250,6 +256,7 @@ def generate_synthetic(out_dir: str | Path, **params: Any) -> Path:
             tmp = Path(tempfile.mkdtemp(prefix=f".{fp}.tmp-", dir=out))
             try:
                 write_dataset(ds, tmp / "data", params={**p, "fingerprint": fp})
+                shareable(tmp / "data")
                 (tmp / "data").rename(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -41,7 +41,13 @@ from rich.progress import Progress
 
 from commlab.data import DATASETS
 from commlab.data.base import DataBundle, Modality, MultimodalDataset, Task
-from commlab.data.parquet import FORMAT_VERSION, read_dataset, validate_dataset, write_dataset
+from commlab.data.parquet import (
+    FORMAT_VERSION,
+    read_dataset,
+    shareable,
+    validate_dataset,
+    write_dataset,
+)
 from commlab.data.shapes import SHAPES, shape_mask
 from commlab.data.textures import TEXTURES, texture_mask, texture_period
 
@@ -316,6 +322,7 @@ def generate_trifeatures(
             tmp = Path(tempfile.mkdtemp(prefix=f".{fp}.tmp-", dir=out))
             try:
                 _generate_into(tmp, fp, params, progress)
+                shareable(tmp)  # mkdtemp made it 0700
                 tmp.rename(target)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -147,6 +147,7 @@ def finish_parent(space: LoadedSpace, parent: Any, result: Any, console: Console
     logger.set_tags(tags)
     if result.best_metric is not None:
         logger.client.log_metric(parent.run_id, f"best/{spec.metric}", result.best_metric)
+    rus = copy_best_rus(logger, result.best_trial_id) if result.best_trial_id else None
     with tempfile.TemporaryDirectory() as tmp:
         plot_sweep(result, spec.metric, spec.mode, Path(tmp) / "plots")
         (Path(tmp) / "plots" / "trials.json").write_text(
@@ -155,7 +156,41 @@ def finish_parent(space: LoadedSpace, parent: Any, result: Any, console: Console
         logger.log_artifacts(Path(tmp) / "plots", "plots")
     finish_run(parent, "FINISHED")
     print_summary(result, spec.metric, console, space.max_epochs)
+    if rus:
+        console.print(
+            "R/U/S of the best trial: "
+            + "  ".join(f"{axis} {value:.3f}" for axis, value in rus.items())
+            + f"  (rus/rus.md and rus/rus.png on the parent run {parent.run_id})",
+            highlight=False,
+            soft_wrap=True,
+        )
     print_next_steps(space, parent, result, console)
+
+
+def copy_best_rus(logger: Any, best_trial_id: str) -> dict[str, float] | None:
+    """Put the best trial's R/U/S report (its `rus/` artifacts and `commlab.rus.*` tags) on the
+    sweep's parent run, so the sweep's one run shows the experiment's answer. None when the
+    best trial logged no report (its dataset has no R/U/S tasks, or it was stopped early)."""
+    from commlab.sweep.trial import PARENT_TAG, TRIAL_TAG
+
+    client, parent_id = logger.client, logger.ref.run_id
+    found = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.`{TRIAL_TAG}` = '{best_trial_id}' "
+        f"and tags.`{PARENT_TAG}` = '{parent_id}'",
+        max_results=1,
+    )
+    if not found:
+        return None
+    child = found[0]
+    rus_tags = {k: v for k, v in child.data.tags.items() if k.startswith("commlab.rus.")}
+    if not rus_tags:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(child.info.run_id, "rus", tmp)
+        logger.log_artifacts(local, "rus")
+    logger.set_tags(rus_tags)
+    return {k.removeprefix("commlab.rus."): float(v) for k, v in rus_tags.items()}
 
 
 def trial_state(t: dict[str, Any], max_epochs: int) -> str:
