@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m ruff check platform tests bench
+.venv/bin/python -m mypy
 exec .venv/bin/python -m pytest "$@"

@@ -8,6 +8,7 @@ takes its own config (or None for the paper's defaults). An `IdentityAugmentConf
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -81,7 +82,7 @@ class MultimodalAugmenter:
             )
 
 
-def build_augmenter(cfg: AugmentConfig, kinds: list[str]) -> MultimodalAugmenter:
+def build_augmenter(cfg: AugmentConfig, kinds: Sequence[str]) -> MultimodalAugmenter:
     """One augmenter per data modality kind; an empty `cfg.modalities` means each kind's defaults."""
     if not cfg.modalities:
         return MultimodalAugmenter([AUGMENTERS.build(kind, None) for kind in kinds])

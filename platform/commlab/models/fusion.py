@@ -12,7 +12,9 @@ branch.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +91,7 @@ class FusionTransformer(nn.Module):
         attn_std = width**-0.5
         proj_std = width**-0.5 * (2 * layers) ** -0.5
         fc_std = (2 * width) ** -0.5
-        for blk in self.blocks:
+        for blk in cast(Iterable[Block], self.blocks):
             nn.init.normal_(blk.in_proj.weight, std=attn_std)
             nn.init.zeros_(blk.in_proj.bias)
             nn.init.normal_(blk.out_proj.weight, std=proj_std)

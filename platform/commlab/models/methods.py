@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -91,13 +91,15 @@ class ModalityStack(nn.Module):
 
     @property
     def out_dims(self) -> list[int]:
-        return [int(enc.out_dim) for enc in self.encoders]
+        return [int(cast(int, enc.out_dim)) for enc in self.encoders]
 
 
 def _cat_views(a: Batch, b: Batch) -> Batch:
     """Stack two views along the batch axis so encoders run once on 2B samples."""
-    pads = [
-        None if pa is None else torch.cat([pa, pb]) for pa, pb in zip(a.pad, b.pad, strict=True)
+    # views of one batch pad the same modalities, so pb is a tensor wherever pa is
+    pads: list[Tensor | None] = [
+        None if pa is None else torch.cat([pa, cast(Tensor, pb)])
+        for pa, pb in zip(a.pad, b.pad, strict=True)
     ]
     return Batch(xs=[torch.cat([xa, xb]) for xa, xb in zip(a.xs, b.xs, strict=True)], pad=pads)
 
@@ -234,7 +236,7 @@ class Cross(Method):
             raise ValueError(f"method 'cross' needs exactly 2 modalities, got {self.n_mod}")
         out = cfg.model.head.out_dim
         self.proj = nn.ModuleList(nn.Linear(d, out, bias=False) for d in self.stack.out_dims)
-        for p, d in zip(self.proj, self.stack.out_dims, strict=True):
+        for p, d in zip(cast(Iterable[nn.Linear], self.proj), self.stack.out_dims, strict=True):
             nn.init.normal_(p.weight, std=d**-0.5)
         self.logit_scale = LogitScale(cfg.loss.logit_scale_init)
 

@@ -107,7 +107,7 @@ def param_importances(
     keys = sorted({k for t in trials for k, v in t["config"].items() if isinstance(v, int | float)})
     if len(trials) < 3 or not keys:
         return {}
-    dists = {}
+    dists: dict[str, optuna.distributions.BaseDistribution] = {}
     for k in keys:
         vals = [float(t["config"][k]) for t in trials if k in t["config"]]
         if min(vals) < max(vals):

@@ -50,10 +50,10 @@ def tune_space(space: LoadedSpace) -> dict[str, Any]:
     from ray import tune
 
     def one(p: Param) -> Any:
-        if p.dist == "uniform":
-            return tune.uniform(p.low, p.high)
-        if p.dist == "loguniform":
-            return tune.loguniform(p.low, p.high)
+        if p.dist in ("uniform", "loguniform"):
+            assert p.low is not None and p.high is not None  # Param's validator requires both
+            sample = tune.uniform if p.dist == "uniform" else tune.loguniform
+            return sample(p.low, p.high)
         if p.dist == "int":
             return tune.randint(int(p.low or 0), int(p.high or 0) + 1)  # inclusive high
         if p.dist == "choice":
@@ -193,7 +193,8 @@ def _other_ray_instances() -> list[str]:
     try:
         from ray._private.services import find_gcs_addresses
 
-        find_gcs_addresses.cache_clear()  # Ray caches what it found; we want now
+        # Ray caches what it found; we want now (cache_clear is attached after definition)
+        find_gcs_addresses.cache_clear()  # type: ignore[attr-defined]
         return sorted(find_gcs_addresses())
     except Exception:  # a private helper: never let it break a sweep
         return []

@@ -78,7 +78,8 @@ def rng_state() -> dict[str, Any]:
     import numpy as np
 
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # legacy=True: the MT19937 tuple
     state["numpy"] = {
         "keys": torch.from_numpy(np_state[1].astype("int64")),
         "pos": int(np_state[2]),

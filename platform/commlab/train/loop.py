@@ -106,7 +106,8 @@ def make_optimizer(params: list[dict[str, Any]], cfg: ExperimentConfig) -> torch
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases, norm parameters and other 1-D parameters."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -154,7 +155,8 @@ class PretrainRun:
         shapes = [tuple(m.values.shape[1:]) for m in ds.modalities]
         self.method: Method = build_method(cfg, shapes).to(self.ctx.device)
         if cfg.train.channels_last and has_conv(self.method):
-            self.method.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format at run time; torch's overloads leave it out
+            self.method.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.model: nn.Module = wrap_model(self.method) if wrap_model else self.method
         if self.ctx.world_size > 1:
             # Same initial weights everywhere (seeded above), but each rank its own dropout
@@ -175,7 +177,7 @@ class PretrainRun:
                 f"{self.ctx.world_size} workers; need at least 2"
             )
         self.per_rank_batch = per_rank
-        self.sampler = DistributedSampler(
+        self.sampler: DistributedSampler[int] = DistributedSampler(
             range(len(self.train_ids)),  # type: ignore[arg-type]
             num_replicas=self.ctx.world_size,
             rank=self.ctx.rank,

@@ -164,7 +164,8 @@ def build_trainer(
             # Ray's default retries a worker group that cannot start (resources never free)
             # without end while the run shows RUNNING; give up after a few start timeouts
             # ($RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S each, 60 s by default) instead.
-            failure_config=ray.train.FailureConfig(
+            # ray.train resolves to Train V2's FailureConfig at run time; mypy sees V1's
+            failure_config=ray.train.FailureConfig(  # type: ignore[call-arg]
                 max_failures=settings.max_failures,
                 controller_failure_limit=CONTROLLER_FAILURE_LIMIT,
             ),
