@@ -288,6 +288,20 @@ def test_exit_codes():
     assert [jobs.exit_code(s) for s in ("SUCCEEDED", "FAILED", "STOPPED")] == [0, 1, 3]
 
 
+@pytest.mark.parametrize("kind", sorted(jobs.VALUE_OPTIONS))
+def test_value_options_match_the_cli(kind):
+    import typer.main
+
+    cmd = typer.main.get_command(app).commands[kind]
+    takes_value = {
+        opt
+        for p in cmd.params
+        if p.param_type_name == "option" and not (p.is_flag or p.count)
+        for opt in p.opts
+    }
+    assert jobs.VALUE_OPTIONS[kind] == takes_value
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 
 

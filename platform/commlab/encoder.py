@@ -33,10 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from commlab.augment import build_augmenter
+from commlab.checkpoint_format import load_checkpoint
 from commlab.config import ExperimentConfig
 from commlab.data.base import Batch, MultimodalDataset
 from commlab.models import Method, build_method
-from commlab.train.checkpoint import load_checkpoint
 
 CHECKPOINT_FILE = "checkpoint.pt"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")

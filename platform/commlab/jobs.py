@@ -134,30 +134,25 @@ def check_tracking_uri(uri: str | None) -> tuple[str, list[str]]:
     return uri, []
 
 
-# used only where the CLI cannot be introspected (the command's own definition wins)
-_VALUE_OPTIONS = {"sweep": {"--name", "--storage", "--address", "--tracking-uri"}}
+# Options of `commlab <kind>` that take a value, so that ARGS can be told apart from option
+# values before submitting (a test checks them against the CLI's own definitions).
+VALUE_OPTIONS: dict[str, frozenset[str]] = {
+    "sweep": frozenset({"--address", "--name", "--storage"}),
+    "pretrain": frozenset(
+        {
+            "--address",
+            "--cpus-per-worker",
+            "--experiment",
+            "--gpus-per-worker",
+            "--max-failures",
+            "--out",
+            "--workers",
+        }
+    ),
+}
 
 
-def _value_options(kind: str) -> set[str] | None:
-    """Options of `commlab <kind>` that take a value (None: unknown)."""
-    try:
-        import typer.main
-
-        from commlab.cli import app
-
-        cmd = getattr(typer.main.get_command(app), "commands", {}).get(kind)
-    except Exception:  # the CLI could not be introspected
-        return _VALUE_OPTIONS.get(kind)
-    if cmd is None:
-        return _VALUE_OPTIONS.get(kind)
-    out: set[str] = set()
-    for p in cmd.params:  # typer may vendor click: duck-type its Option
-        if getattr(p, "param_type_name", "") == "option" and not (p.is_flag or p.count):
-            out.update(p.opts)
-    return out
-
-
-def _scan(args: list[str], value_opts: set[str] | None) -> tuple[list[int], dict[str, str]]:
+def _scan(args: list[str], value_opts: frozenset[str]) -> tuple[list[int], dict[str, str]]:
     """Indices of the positional arguments, and the `--opt value` pairs."""
     positional: list[int] = []
     opts: dict[str, str] = {}
@@ -170,7 +165,7 @@ def _scan(args: list[str], value_opts: set[str] | None) -> tuple[list[int], dict
             name, eq, val = a.partition("=")
             if eq:
                 opts[name] = val
-            elif value_opts is not None and name in value_opts and i + 1 < len(args):
+            elif name in value_opts and i + 1 < len(args):
                 opts[name] = args[i + 1]
                 i += 1
         else:
@@ -211,7 +206,7 @@ def prepare_args(
     warnings: list[str] = []
     if kind not in ("sweep", "pretrain"):
         return args, warnings
-    positional, opts = _scan(args, _value_options(kind))
+    positional, opts = _scan(args, VALUE_OPTIONS[kind])
     what = "search space file" if kind == "sweep" else "config file"
     if not positional:
         raise SubmitError(f"commlab {kind} needs a {what} argument")
@@ -272,7 +267,7 @@ def build_job(
     if not wd.is_dir():
         raise SubmitError(f"--working-dir {wd} is not a directory")
     args, more = prepare_args(kind, args, cwd=cwd, working_dir=wd)
-    from commlab.train.checkpoint import CODE_VERSION_ENV, code_version
+    from commlab.checkpoint_format import CODE_VERSION_ENV, code_version
 
     env_vars = {
         TRACKING_ENV: uri,

@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from commlab.config import ExperimentConfig, flatten
 from commlab.data.base import Batch
 from commlab.models import build_method
-from commlab.models.norm import batch_norm_groups
+from commlab.models.norm import GlobalBatchNorm, batch_norm_groups, sync_batchnorm
 from commlab.train.checkpoint import FORMAT, load_checkpoint
 from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext
 from commlab.train.trainer import (
@@ -36,7 +36,7 @@ from commlab.train.trainer import (
     pretrain_ray,
     resolve_run_name,
 )
-from commlab.train.worker import GlobalBatchNorm, build_run, sync_batchnorm
+from commlab.train.worker import build_run
 from tests.conftest import toy_config
 from tests.train.conftest import ray_config
 

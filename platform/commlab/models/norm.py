@@ -4,10 +4,15 @@ CoMM's projection head sees 2 x (n_mod + 1) batches per step (every mask of both
 paper normalises each with its own BatchNorm statistics. Running the head once per batch costs
 one statistics collective per BatchNorm layer and batch under data-parallel training;
 `batch_norm_groups` computes the same numbers for a (G, B, C) stack with one collective per
-layer (through the layer's `sum_over_workers`, see commlab.train.worker.GlobalBatchNorm).
+layer (through the layer's `sum_over_workers`, see `GlobalBatchNorm`).
+
+`GlobalBatchNorm` normalises with the statistics of the global batch across data-parallel
+workers on any device; `sync_batchnorm` converts a module's BatchNorm layers to it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -59,3 +64,90 @@ def update_running_stats(bn: _BatchNorm, mean: Tensor, var: Tensor, n: float) ->
     unbiased = var * (n / max(n - 1.0, 1.0))
     bn.running_mean.mul_(1 - m).add_(mean.to(bn.running_mean.dtype), alpha=m)
     bn.running_var.mul_(1 - m).add_(unbiased.to(bn.running_var.dtype), alpha=m)
+
+
+class _SumOverWorkers(torch.autograd.Function):
+    """Sum of `x` over workers, differentiable: every rank uses the sum, so the gradient of
+    each rank's contribution is the sum of the incoming gradients (one collective each way,
+    where `dist.gather_with_grad` would need three)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return dist.all_reduce_mean(x) * dist.get_world_size()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return dist.all_reduce_mean(grad.contiguous()) * dist.get_world_size()
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch across workers.
+
+    torch's SyncBatchNorm only runs on GPUs; this one runs on any device (gloo included). The
+    per-channel sums of x and x**2 and the sample count are summed over workers with gradient
+    in float64, so forward and backward equal BatchNorm on the concatenated batch, at the cost
+    of one small collective per call each way. Evaluation mode, or one worker, is plain
+    BatchNorm. Parameter and buffer names are BatchNorm's, so checkpoints load into
+    unconverted models.
+    """
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, ...), got {x.dim()}D")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or dist.get_world_size() == 1:
+            return super().forward(x)
+        self._check_input_dim(x)
+        c = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        xd = x.double()
+        count = torch.full((1,), x.numel() / c, dtype=torch.float64, device=x.device)
+        local = torch.cat([xd.sum(dims), (xd * xd).sum(dims), count])
+        total = self.sum_over_workers(local)
+        n = total[-1].detach()
+        mean = total[:c] / n
+        var = (total[c : 2 * c] / n - mean * mean).clamp_min(0.0)
+        if self.track_running_stats and self.running_mean is not None:
+            update_running_stats(self, mean.detach(), var.detach(), float(n))
+        shape = [1, c] + [1] * (x.dim() - 2)
+        work = torch.promote_types(x.dtype, torch.float32)
+        inv = torch.rsqrt(var + self.eps).to(work)
+        y = (x.to(work) - mean.to(work).view(shape)) * inv.view(shape)
+        if self.affine:
+            y = y * self.weight.to(work).view(shape) + self.bias.to(work).view(shape)
+        return y.to(x.dtype)
+
+    def sum_over_workers(self, local: Tensor) -> Tensor:
+        """`local` (float64 statistics) summed over workers, with gradient: the hook through
+        which `commlab.models.norm.batch_norm_groups` makes one collective for many batches."""
+        return _SumOverWorkers.apply(local) if dist.get_world_size() > 1 else local
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm in `module` synchronised across workers (in place for children):
+    torch's SyncBatchNorm on CUDA, `GlobalBatchNorm` elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _to_global_bn(module)
+
+
+def _to_global_bn(module: nn.Module) -> nn.Module:
+    out = module
+    if isinstance(module, _BatchNorm) and not isinstance(
+        module, GlobalBatchNorm | nn.SyncBatchNorm
+    ):
+        out = GlobalBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats,
+        )  # fmt: skip
+        if module.affine:
+            out.weight = module.weight
+            out.bias = module.bias
+        out.running_mean = module.running_mean
+        out.running_var = module.running_var
+        out.num_batches_tracked = module.num_batches_tracked
+        out.train(module.training)
+    for name, child in module.named_children():
+        out.add_module(name, _to_global_bn(child))
+    return out

@@ -167,7 +167,7 @@ def build_model_dir(
     """Write the pyfunc model directory (layout in the module docstring) at `out`."""
     import mlflow.pyfunc
 
-    from commlab.train.checkpoint import package_versions
+    from commlab.checkpoint_format import package_versions
 
     data = out.parent / f"{out.name}-data" / DATA_DIR
     data.mkdir(parents=True)
@@ -235,8 +235,8 @@ def promote(
         return result(existing, created=False)
 
     with tempfile.TemporaryDirectory(prefix="commlab-promote-") as tmp:
+        from commlab.checkpoint_format import load_checkpoint
         from commlab.config import ExperimentConfig, to_yaml
-        from commlab.train.checkpoint import load_checkpoint
 
         path = _download_checkpoint(client, best, Path(tmp) / "trial")
         try:

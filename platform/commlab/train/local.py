@@ -16,9 +16,10 @@ from typing import Any
 
 from rich.console import Console
 
+from commlab.checkpoint_format import load_checkpoint, save_checkpoint
 from commlab.config import ExperimentConfig, flatten, to_yaml
 from commlab.report import rus_report
-from commlab.train.checkpoint import load_checkpoint, save_checkpoint
+from commlab.train.epoch_end import checkpoint_payload, format_progress
 from commlab.train.loop import NonFiniteLossError, PretrainRun
 
 
@@ -30,37 +31,6 @@ class PretrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     rus: dict[str, float] | None = None
     mlflow_run_id: str | None = None
-
-
-def checkpoint_payload(run: PretrainRun, metrics: dict[str, float]) -> dict[str, Any]:
-    ds = run.data.pretrain
-    return {
-        **run.state_dict(),
-        "config": run.cfg.model_dump(mode="json"),
-        "metrics": metrics,
-        "seed": run.cfg.seed,
-        "data_fingerprint": ds.fingerprint,
-        "modalities": [
-            {"name": m.name, "kind": m.kind, "shape": list(m.values.shape[1:])}
-            for m in ds.modalities
-        ],
-    }
-
-
-def format_progress(epoch: int, total: int, m: dict[str, float]) -> str:
-    parts = [f"epoch {epoch + 1:>3}/{total}", f"loss {m.get('train/loss', float('nan')):.4f}"]
-    if "train/ssl_acc" in m:
-        parts.append(f"ssl_acc {m['train/ssl_acc']:5.1f}%")
-    for k, v in m.items():
-        if k.startswith("probe/") and k.endswith("/balanced_acc") and "/mean/" not in k:
-            parts.append(f"{k.split('/')[1]} {v:.3f}")
-        elif k.startswith("probe/") and k.endswith(("/mse", "/f1_macro")):
-            parts.append(f"{k.split('/')[1]} {k.rsplit('/', 1)[1]} {v:.4f}")
-    parts.append(f"{m.get('perf/samples_per_s', 0.0):,.0f} samples/s")
-    if "perf/mfu" in m:
-        parts.append(f"mfu {m['perf/mfu']:.2f}")
-    parts.append(f"{m.get('perf/epoch_time_s', 0.0):.1f}s")
-    return "  ".join(parts)
 
 
 def _fresh_dir(base: Path) -> Path:

@@ -260,7 +260,7 @@ def fall_back_to_intact_checkpoint(run_dir: str, console: Console) -> None:
     """
     import shutil
 
-    from commlab.train.checkpoint import CHECKPOINT_NAME, CorruptCheckpointError, is_readable
+    from commlab.checkpoint_format import CHECKPOINT_NAME, CorruptCheckpointError, is_readable
 
     dirs = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
     if not dirs or is_readable(dirs[-1] / CHECKPOINT_NAME):

@@ -5,7 +5,7 @@ negatives gathered across workers by the objectives), wraps the model in DDP wit
 synchronised over the global batch (`train.batchnorm_sync`: all, head or none; none whenever
 `sync_batchnorm=False`), and after every epoch calls `ray.train.report` with a
 checkpoint (a barrier every rank joins). Rank 0 writes `checkpoint.pt` (self-describing,
-`commlab.train.checkpoint`); every rank adds its own RNG state as `rng-rank<r>.pt` (Ray merges
+`commlab.checkpoint_format`); every rank adds its own RNG state as `rng-rank<r>.pt` (Ray merges
 the ranks' directories). A restarted attempt resumes from `ray.train.get_checkpoint()`: model,
 optimiser, epoch (which fixes the LR schedule and the sampler's permutation) and RNG.
 
@@ -34,109 +34,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch import nn
 
 from commlab import dist
+from commlab.checkpoint_format import load_checkpoint, save_checkpoint
 from commlab.config import ExperimentConfig, to_yaml
 from commlab.data import DataBundle, build_data
-from commlab.models.norm import update_running_stats
+from commlab.models.norm import sync_batchnorm
 from commlab.objectives import LossOutput
-from commlab.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from commlab.train.local import checkpoint_payload, format_progress
+from commlab.train.checkpoint import rng_state, set_rng_state
+from commlab.train.epoch_end import checkpoint_payload, format_progress
 from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
 # ---------------------------------------------------------------- synchronised BatchNorm
-class _SumOverWorkers(torch.autograd.Function):
-    """Sum of `x` over workers, differentiable: every rank uses the sum, so the gradient of
-    each rank's contribution is the sum of the incoming gradients (one collective each way,
-    where `dist.gather_with_grad` would need three)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return dist.all_reduce_mean(x) * dist.get_world_size()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return dist.all_reduce_mean(grad.contiguous()) * dist.get_world_size()
-
-
-class GlobalBatchNorm(_BatchNorm):
-    """BatchNorm whose training statistics are those of the global batch across workers.
-
-    torch's SyncBatchNorm only runs on GPUs; this one runs on any device (gloo included). The
-    per-channel sums of x and x**2 and the sample count are summed over workers with gradient
-    in float64, so forward and backward equal BatchNorm on the concatenated batch, at the cost
-    of one small collective per call each way. Evaluation mode, or one worker, is plain
-    BatchNorm. Parameter and buffer names are BatchNorm's, so checkpoints load into
-    unconverted models.
-    """
-
-    def _check_input_dim(self, x: Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (N, C, ...), got {x.dim()}D")
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.training or dist.get_world_size() == 1:
-            return super().forward(x)
-        self._check_input_dim(x)
-        c = x.shape[1]
-        dims = [0, *range(2, x.dim())]
-        xd = x.double()
-        count = torch.full((1,), x.numel() / c, dtype=torch.float64, device=x.device)
-        local = torch.cat([xd.sum(dims), (xd * xd).sum(dims), count])
-        total = self.sum_over_workers(local)
-        n = total[-1].detach()
-        mean = total[:c] / n
-        var = (total[c : 2 * c] / n - mean * mean).clamp_min(0.0)
-        if self.track_running_stats and self.running_mean is not None:
-            update_running_stats(self, mean.detach(), var.detach(), float(n))
-        shape = [1, c] + [1] * (x.dim() - 2)
-        work = torch.promote_types(x.dtype, torch.float32)
-        inv = torch.rsqrt(var + self.eps).to(work)
-        y = (x.to(work) - mean.to(work).view(shape)) * inv.view(shape)
-        if self.affine:
-            y = y * self.weight.to(work).view(shape) + self.bias.to(work).view(shape)
-        return y.to(x.dtype)
-
-    def sum_over_workers(self, local: Tensor) -> Tensor:
-        """`local` (float64 statistics) summed over workers, with gradient: the hook through
-        which `commlab.models.norm.batch_norm_groups` makes one collective for many batches."""
-        return _SumOverWorkers.apply(local) if dist.get_world_size() > 1 else local
-
-
-def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm in `module` synchronised across workers (in place for children):
-    torch's SyncBatchNorm on CUDA, `GlobalBatchNorm` elsewhere."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _to_global_bn(module)
-
-
-def _to_global_bn(module: nn.Module) -> nn.Module:
-    out = module
-    if isinstance(module, _BatchNorm) and not isinstance(
-        module, GlobalBatchNorm | nn.SyncBatchNorm
-    ):
-        out = GlobalBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats,
-        )  # fmt: skip
-        if module.affine:
-            out.weight = module.weight
-            out.bias = module.bias
-        out.running_mean = module.running_mean
-        out.running_var = module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
-    for name, child in module.named_children():
-        out.add_module(name, _to_global_bn(child))
-    return out
-
-
 def sync_scope(method: nn.Module, device: torch.device, scope: str | bool = "all") -> None:
     """Convert `method`'s BatchNorm layers in place to global-batch statistics per `scope`
     (`train.batchnorm_sync`): "all"; "head" (only the projection heads', whose statistics
