@@ -22,6 +22,7 @@ FLOORS: list[list[str]] = [
         "commlab.perf",
         "commlab.cluster",
         "commlab.checkpoint_format",
+        "commlab.tags",
     ],
     ["commlab.data", "commlab.objectives"],
     ["commlab.probe", "commlab.report"],  # read data's tasks

@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from commlab.cluster import Auth, ClusterError, dashboard_url, job_client, resolve_auth
+from commlab.tags import KIND_TAG
 
 KINDS = ("sweep", "pretrain", "promote")
 # gitignore patterns, matched from the working dir: "/x" only at its top (platform/commlab/data is
@@ -322,7 +323,7 @@ def submit(
                 entrypoint=spec.entrypoint,
                 runtime_env=spec.runtime_env,
                 submission_id=submission_id,
-                metadata={"commlab.kind": kind},
+                metadata={KIND_TAG: kind},
             )
     except (RuntimeError, ValueError, OSError) as err:
         raise ClusterError(f"the Ray Jobs API at {url} refused the job: {err}") from None

@@ -11,11 +11,8 @@ from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from rich.console import Console
 
-TRIAL_TAG = "ray.trial_id"
-PARENT_TAG = "mlflow.parentRunId"
+from commlab.tags import PARENT_TAG, STOPPED_EARLY_TAG, TRIAL_TAG
 
-
-STOPPED_EARLY_TAG = "commlab.stopped_early"
 METRIC_NAMESPACES = ("train", "val", "probe", "perf")
 
 

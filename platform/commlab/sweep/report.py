@@ -12,6 +12,16 @@ from rich.console import Console
 from rich.table import Table
 
 from commlab.sweep.space import LoadedSpace
+from commlab.tags import (
+    BEST_CHECKPOINT_TAG,
+    BEST_METRIC_TAG,
+    BEST_PARAM_PREFIX,
+    BEST_TRIAL_ID_TAG,
+    PARENT_TAG,
+    RUS_PREFIX,
+    TRIAL_TAG,
+    TRIALS_TAG,
+)
 
 
 def plot_sweep(result: Any, metric: str, mode: str, out_dir: Path) -> list[Path]:
@@ -136,13 +146,13 @@ def finish_parent(space: LoadedSpace, parent: Any, result: Any, console: Console
 
     spec = space.spec
     logger = RunLogger(parent)
-    tags: dict[str, Any] = {"commlab.trials": len(result.trials)}
+    tags: dict[str, Any] = {TRIALS_TAG: len(result.trials)}
     if result.best_trial_id is not None:
         tags |= {
-            "commlab.best_trial_id": result.best_trial_id,
-            "commlab.best_metric": f"{result.best_metric!r}",
-            "commlab.best_checkpoint": result.best_checkpoint or "",
-            **{f"commlab.best_param.{k}": v for k, v in result.best_params.items()},
+            BEST_TRIAL_ID_TAG: result.best_trial_id,
+            BEST_METRIC_TAG: f"{result.best_metric!r}",
+            BEST_CHECKPOINT_TAG: result.best_checkpoint or "",
+            **{BEST_PARAM_PREFIX + k: v for k, v in result.best_params.items()},
         }
     logger.set_tags(tags)
     if result.best_metric is not None:
@@ -171,7 +181,6 @@ def copy_best_rus(logger: Any, best_trial_id: str) -> dict[str, float] | None:
     """Put the best trial's R/U/S report (its `rus/` artifacts and `commlab.rus.*` tags) on the
     sweep's parent run, so the sweep's one run shows the experiment's answer. None when the
     best trial logged no report (its dataset has no R/U/S tasks, or it was stopped early)."""
-    from commlab.sweep.trial import PARENT_TAG, TRIAL_TAG
 
     client, parent_id = logger.client, logger.ref.run_id
     found = client.search_runs(
@@ -183,14 +192,14 @@ def copy_best_rus(logger: Any, best_trial_id: str) -> dict[str, float] | None:
     if not found:
         return None
     child = found[0]
-    rus_tags = {k: v for k, v in child.data.tags.items() if k.startswith("commlab.rus.")}
+    rus_tags = {k: v for k, v in child.data.tags.items() if k.startswith(RUS_PREFIX)}
     if not rus_tags:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         local = client.download_artifacts(child.info.run_id, "rus", tmp)
         logger.log_artifacts(local, "rus")
     logger.set_tags(rus_tags)
-    return {k.removeprefix("commlab.rus."): float(v) for k, v in rus_tags.items()}
+    return {k.removeprefix(RUS_PREFIX): float(v) for k, v in rus_tags.items()}
 
 
 def trial_state(t: dict[str, Any], max_epochs: int) -> str:

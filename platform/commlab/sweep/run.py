@@ -23,9 +23,16 @@ from rich.console import Console
 
 from commlab.config import flatten
 from commlab.sweep.space import LoadedSpace, Param, check_metric, load_space
-
-SWEEP_TAG = "commlab.sweep"
-TRIAL_TAG = "ray.trial_id"
+from commlab.tags import (
+    KIND_TAG,
+    METRIC_TAG,
+    MODE_TAG,
+    PARENT_TAG,
+    RESUME_ERROR_TAG,
+    SWEEP_PATH_TAG,
+    SWEEP_TAG,
+)
+from commlab.train.plumbing import absolute_data_path, fresh_name, storage_root
 
 
 class SweepFailedError(RuntimeError):
@@ -200,21 +207,6 @@ def _other_ray_instances() -> list[str]:
         return []
 
 
-def fresh_name(storage: str, base: str) -> str:
-    if "://" in storage:
-        return base
-    name, i = base, 0
-    while (Path(storage) / name).exists():
-        i += 1
-        name = f"{base}-{i}"
-    return name
-
-
-def storage_root(storage: str | None) -> str:
-    raw = storage or "sweeps"
-    return raw if "://" in raw else str(Path(raw).expanduser().resolve())
-
-
 def run_sweep(
     path: str | Path,
     *,
@@ -246,13 +238,14 @@ def run_sweep(
         check_reachable(target)
     # Tune runs each trial in its own directory: resolve a relative data path here, once.
     data = space.base_raw.setdefault("data", {})
-    if "://" not in space.base.data.path and not Path(space.base.data.path).is_absolute():
-        data["path"] = str(Path(space.base.data.path).resolve())
+    data_path = absolute_data_path(space.base.data.path)
+    if data_path != space.base.data.path:
+        data["path"] = data_path
         space.base = space.base.model_copy(
             update={"data": space.base.data.model_copy(update={"path": data["path"]})}
         )
     check_metric(space, dataset_tasks(space))
-    root = storage_root(storage)
+    root = storage_root(storage or "sweeps")
     base_name = name or space.name
     sweep_name = base_name if resume else fresh_name(root, base_name)
     exp_path = f"{root.rstrip('/')}/{sweep_name}"
@@ -422,13 +415,13 @@ def _close_after_failure(parent: Any, err: BaseException, previous: str | None) 
     try:
         kids = client.search_runs(
             [parent.experiment_id],
-            f"tags.`mlflow.parentRunId` = '{parent.run_id}' and attributes.status = 'RUNNING'",
+            f"tags.`{PARENT_TAG}` = '{parent.run_id}' and attributes.status = 'RUNNING'",
         )
         for kid in kids:
             ref = RunRef(parent.tracking_uri, parent.experiment_id, kid.info.run_id)
             finish_run(ref, "KILLED", f"the sweep ended: {message}")
         if previous in ("FINISHED", "FAILED", "KILLED"):
-            set_tags(client, parent.run_id, {"commlab.resume_error": message})
+            set_tags(client, parent.run_id, {RESUME_ERROR_TAG: message})
             client.set_terminated(parent.run_id, status=previous)
         else:
             finish_run(parent, "KILLED" if interrupted else "FAILED", message)
@@ -458,10 +451,10 @@ def _open_parent(
         params={f"base.{k}": v for k, v in flatten(space.base).items()},
         tags={
             SWEEP_TAG: sweep_name,
-            "commlab.kind": "sweep",
-            "commlab.metric": space.spec.metric,
-            "commlab.mode": space.spec.mode,
-            "commlab.sweep_path": exp_path,
+            KIND_TAG: "sweep",
+            METRIC_TAG: space.spec.metric,
+            MODE_TAG: space.spec.mode,
+            SWEEP_PATH_TAG: exp_path,
         },
     )
     from commlab.config import to_yaml

@@ -23,10 +23,7 @@ from typing import Any
 
 from commlab.config import ExperimentConfig, apply_overrides, flatten, validate_config
 from commlab.sweep.space import LoadedSpace, to_overrides
-
-SWEEP_TAG = "commlab.sweep"
-TRIAL_TAG = "ray.trial_id"
-PARENT_TAG = "mlflow.parentRunId"
+from commlab.tags import KIND_TAG, METHOD_TAG, PARAM_PREFIX, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
 
 
 def trial_config(
@@ -139,9 +136,9 @@ def make_trainable(space: LoadedSpace, parent: Any, storage: str, sweep_name: st
                 PARENT_TAG: parent.run_id,
                 TRIAL_TAG: trial_id,
                 SWEEP_TAG: sweep_name,
-                "commlab.kind": "trial",
-                "commlab.method": cfg.model.method,
-                **{f"commlab.param.{k}": str(v) for k, v in config.items()},
+                KIND_TAG: "trial",
+                METHOD_TAG: cfg.model.method,
+                **{PARAM_PREFIX + k: str(v) for k, v in config.items()},
             },
         )
         name = f"train-trial_id={trial_id}"

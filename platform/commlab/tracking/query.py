@@ -18,16 +18,24 @@ from typing import Any
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 
+from commlab.tags import (
+    BEST_METRIC_TAG,
+    BEST_TRIAL_ID_TAG,
+    ERROR_TAG,
+    KIND_TAG,
+    METRIC_TAG,
+    MODE_TAG,
+    PARAM_PREFIX,
+    PARENT_TAG,
+    RUS_PREFIX,
+    STOPPED_EARLY_TAG,
+    SWEEP_PATH_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    TRIALS_TAG,
+)
 from commlab.tracking.runs import absolute_uri, check_tracking_uri, default_tracking_uri
 
-KIND_TAG = "commlab.kind"
-SWEEP_TAG = "commlab.sweep"
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_TAG = "ray.trial_id"
-METRIC_TAG = "commlab.metric"
-MODE_TAG = "commlab.mode"
-PARAM_PREFIX = "commlab.param."
-RUS_PREFIX = "commlab.rus."
 MODES = ("max", "min")
 _MIN_SUFFIXES = ("loss", "mse", "mae", "rmse", "error")
 
@@ -115,7 +123,7 @@ def _value(text: str) -> Any:
 def sweep_row(client: MlflowClient, run: Run) -> dict[str, Any]:
     tags = run.data.tags
     exp = client.get_experiment(run.info.experiment_id)
-    trials = tags.get("commlab.trials")
+    trials = tags.get(TRIALS_TAG)
     return {
         "name": tags.get(SWEEP_TAG, run.info.run_name),
         "run_id": run.info.run_id,
@@ -124,12 +132,12 @@ def sweep_row(client: MlflowClient, run: Run) -> dict[str, Any]:
         "status": run.info.status,
         "metric": tags.get(METRIC_TAG),
         "mode": tags.get(MODE_TAG),
-        "best_trial_id": tags.get("commlab.best_trial_id"),
-        "best_metric": _float(tags.get("commlab.best_metric")),
+        "best_trial_id": tags.get(BEST_TRIAL_ID_TAG),
+        "best_metric": _float(tags.get(BEST_METRIC_TAG)),
         "trials": int(trials) if trials and trials.isdigit() else None,
         "start_time": run.info.start_time,
         "duration_s": _duration_s(run),
-        "path": tags.get("commlab.sweep_path"),
+        "path": tags.get(SWEEP_PATH_TAG),
     }
 
 
@@ -228,8 +236,8 @@ def trial_row(client: MlflowClient, run: Run, metric: str, mode: str) -> dict[st
         },
         "start_time": run.info.start_time,
         "duration_s": _duration_s(run),
-        "error": tags.get("commlab.error"),
-        "stopped_early": tags.get("commlab.stopped_early") == "true",
+        "error": tags.get(ERROR_TAG),
+        "stopped_early": tags.get(STOPPED_EARLY_TAG) == "true",
     }
 
 

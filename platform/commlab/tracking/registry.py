@@ -35,11 +35,22 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from commlab.tracking.query import (
+from commlab.tags import (
+    CODE_VERSION_TAG,
+    DATA_FINGERPRINT_TAG,
+    EPOCHS_TAG,
+    METHOD_TAG,
     METRIC_TAG,
+    METRIC_VALUE_TAG,
     MODE_TAG,
-    MODES,
+    SEED_TAG,
+    SWEEP_RUN_ID_TAG,
     SWEEP_TAG,
+    TRIAL_ID_TAG,
+    TRIAL_RUN_TAG,
+)
+from commlab.tracking.query import (
+    MODES,
     children,
     client_for,
     find_sweep,
@@ -51,7 +62,6 @@ CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
 CONFIG_ARTIFACT = "config.yaml"
 DATA_DIR = "encoder"  # the pyfunc data directory: data/encoder/
 LOADER_MODULE = "commlab.encoder"
-TRIAL_RUN_TAG = "commlab.trial_run_id"
 # Kept out of the promoted checkpoint: training state, not the model.
 _TRAINING_ONLY = ("optimizer", "scheduler", "rng", "global_step")
 _ALIAS = re.compile(r"^[\w\-]+$")
@@ -245,18 +255,18 @@ def promote(
             raise PromotionError(f"trial {best['trial_id']}: {err}") from None
         config_yaml = to_yaml(ExperimentConfig.model_validate(ckpt["config"]))
         lineage = {
-            "commlab.sweep": sweep_name,
-            "commlab.sweep_run_id": parent.info.run_id,
+            SWEEP_TAG: sweep_name,
+            SWEEP_RUN_ID_TAG: parent.info.run_id,
             TRIAL_RUN_TAG: best["run_id"],
-            "commlab.trial_id": str(best["trial_id"]),
-            "commlab.metric": metric,
-            "commlab.mode": mode,
-            "commlab.metric_value": repr(float(best["value"])),
-            "commlab.data_fingerprint": str(ckpt.get("data_fingerprint", "")),
-            "commlab.code_version": str(ckpt.get("code_version", "")),
-            "commlab.method": str(ckpt["config"]["model"]["method"]),
-            "commlab.epochs": str(ckpt.get("epoch", "")),  # epochs trained (= next epoch)
-            "commlab.seed": str(ckpt.get("seed", "")),
+            TRIAL_ID_TAG: str(best["trial_id"]),
+            METRIC_TAG: metric,
+            MODE_TAG: mode,
+            METRIC_VALUE_TAG: repr(float(best["value"])),
+            DATA_FINGERPRINT_TAG: str(ckpt.get("data_fingerprint", "")),
+            CODE_VERSION_TAG: str(ckpt.get("code_version", "")),
+            METHOD_TAG: str(ckpt["config"]["model"]["method"]),
+            EPOCHS_TAG: str(ckpt.get("epoch", "")),  # epochs trained (= next epoch)
+            SEED_TAG: str(ckpt.get("seed", "")),
         }
         model_dir = build_model_dir(ckpt, config_yaml, lineage, Path(tmp) / "model")
         trial_run = client.get_run(best["run_id"])

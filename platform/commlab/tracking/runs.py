@@ -25,12 +25,21 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from commlab.tags import (
+    CHANGED_PREFIX,
+    ERROR_TAG,
+    EXPERIMENT_KIND_TAG,
+    KIND_TAG,
+    METHOD_TAG,
+    PROBE_PREFIX,
+    RUN_KEY_TAG,
+    RUS_PREFIX,
+)
+
 if TYPE_CHECKING:
     from commlab.data.base import Task
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
-RUN_KEY_TAG = "commlab.run_key"
-ERROR_TAG = "commlab.error"
 STEP_METRIC = "epoch"  # logged every epoch; its history is the set of epochs MLflow holds
 _BATCH = 100  # MLflow's log_batch limit for params (and a sane chunk for metrics)
 _MAX_PARAM_VALUE = 6000
@@ -132,7 +141,6 @@ def artifact_location(tracking_uri: str) -> str | None:
 
 # MLflow 3's UI opens an experiment on its GenAI overview (traces) unless the experiment says
 # it holds model training; commlab's experiments do, so they open on their runs.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
@@ -234,7 +242,7 @@ def open_run(
             client.delete_tag(run_id, ERROR_TAG)  # the error belonged to an earlier fit()
         set_tags(client, run_id, all_tags)
     changed = log_params(client, run_id, params)
-    set_tags(client, run_id, {f"commlab.changed.{k}": v for k, v in changed.items()})
+    set_tags(client, run_id, {CHANGED_PREFIX + k: v for k, v in changed.items()})
     return RunRef(tracking_uri, exp_id, run_id), reopened
 
 
@@ -257,7 +265,7 @@ def open_pretrain_run(
         run_key=run_key,
         run_name=run_name,
         params=params,
-        tags={"commlab.kind": "pretrain", "commlab.method": method, **tags},
+        tags={KIND_TAG: "pretrain", METHOD_TAG: method, **tags},
     )
     return ref
 
@@ -294,7 +302,7 @@ def is_probe_hyperparam(key: str) -> bool:
 def probe_hyperparam_tags(metrics: Mapping[str, Any]) -> dict[str, str]:
     """`probe/<task>/C` -> {`commlab.probe.<task>.C`: value} for every probe hyperparameter."""
     return {
-        "commlab." + k.replace("/", "."): f"{float(v):g}"
+        PROBE_PREFIX + k.removeprefix("probe/").replace("/", "."): f"{float(v):g}"
         for k, v in metrics.items()
         if is_probe_hyperparam(k) and isinstance(v, int | float) and not isinstance(v, bool)
     }
@@ -372,7 +380,7 @@ class RunLogger:
         with tempfile.TemporaryDirectory() as tmp:
             report.write(tmp, title=title)
             self.log_artifacts(tmp, "rus")
-        self.set_tags({f"commlab.rus.{k}": f"{v:.4f}" for k, v in report.rus.items()})
+        self.set_tags({RUS_PREFIX + k: f"{v:.4f}" for k, v in report.rus.items()})
         return report.rus
 
 

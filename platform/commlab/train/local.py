@@ -19,8 +19,10 @@ from rich.console import Console
 from commlab.checkpoint_format import load_checkpoint, save_checkpoint
 from commlab.config import ExperimentConfig, flatten, to_yaml
 from commlab.report import rus_report
+from commlab.tags import RUN_DIR_TAG, WORKERS_TAG
 from commlab.train.epoch_end import checkpoint_payload, format_progress
 from commlab.train.loop import NonFiniteLossError, PretrainRun
+from commlab.train.plumbing import finish, fresh_name
 
 
 @dataclass
@@ -31,15 +33,6 @@ class PretrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     rus: dict[str, float] | None = None
     mlflow_run_id: str | None = None
-
-
-def _fresh_dir(base: Path) -> Path:
-    if not base.exists():
-        return base
-    i = 1
-    while base.with_name(f"{base.name}-{i}").exists():
-        i += 1
-    return base.with_name(f"{base.name}-{i}")
 
 
 def pretrain_local(
@@ -61,13 +54,14 @@ def pretrain_local(
             raise FileNotFoundError(f"--resume: no checkpoint at {base / 'checkpoint.pt'}")
         out = base
     else:
-        out = _fresh_dir(base)
+        out = base.parent / fresh_name(str(base.parent), base.name)
     if resume:  # an unreadable checkpoint fails here, before the MLflow run is touched
         load_checkpoint(out / "checkpoint.pt")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
 
     logger = _open_tracking(cfg, out, tracking_uri, experiment) if tracking else None
+    ref = logger.ref if logger is not None else None
     console.print(
         f"[bold]commlab pretrain[/] {cfg.name}: method={cfg.model.method} -> {out}"
         + (f"  (MLflow run {logger.ref.run_id})" if logger else "")
@@ -75,15 +69,15 @@ def pretrain_local(
     try:
         result = _fit(cfg, out, resume, console, logger)
     except NonFiniteLossError as err:
-        _finish(logger, "FAILED", str(err))
+        finish(ref, "FAILED", str(err))
         raise
     except KeyboardInterrupt:
-        _finish(logger, "KILLED", "interrupted")
+        finish(ref, "KILLED", "interrupted")
         raise
     except Exception as err:
-        _finish(logger, "FAILED", f"{type(err).__name__}: {err}")
+        finish(ref, "FAILED", f"{type(err).__name__}: {err}")
         raise
-    _finish(logger, "FINISHED")
+    finish(ref, "FINISHED")
     return result
 
 
@@ -143,13 +137,6 @@ def _open_tracking(
         run_name=out.name,
         params=flatten(cfg),
         method=cfg.model.method,
-        tags={"commlab.run_dir": run_dir, "commlab.workers": 0},
+        tags={RUN_DIR_TAG: run_dir, WORKERS_TAG: 0},
     )
     return RunLogger(ref)
-
-
-def _finish(logger: Any, status: str, error: str | None = None) -> None:
-    if logger is not None:
-        from commlab.tracking import finish_run
-
-        finish_run(logger.ref, status, error)

@@ -22,7 +22,9 @@ from rich.console import Console
 
 from commlab.cluster import connect, resolve_address
 from commlab.config import ExperimentConfig, flatten
+from commlab.tags import RAY_RUN_DIR_TAG
 from commlab.train.loop import NonFiniteLossError
+from commlab.train.plumbing import absolute_data_path, finish, fresh_name, storage_root
 
 CONTROLLER_FAILURE_LIMIT = 5
 
@@ -72,24 +74,6 @@ class NonFiniteRunError(PretrainFailedError, NonFiniteLossError):
     """The loss became NaN/inf; the message names epoch, step and term."""
 
 
-def storage_root(cfg: ExperimentConfig, settings: RayTrainSettings) -> str:
-    raw = settings.storage_path or cfg.train.out_dir
-    if "://" in raw:
-        return raw
-    return str(Path(raw).expanduser().resolve())
-
-
-def fresh_run_name(storage: str, base: str) -> str:
-    if "://" in storage:
-        return base  # remote storage: the caller names runs (or accepts Ray's resume)
-    root = Path(storage)
-    name, i = base, 0
-    while (root / name).exists():
-        i += 1
-        name = f"{base}-{i}"
-    return name
-
-
 def resolve_run_name(storage: str, base: str, settings: RayTrainSettings) -> str:
     """`settings.run_name`, or a fresh `base[-i]`; an existing run only with `resume`."""
     local = "://" not in storage
@@ -99,7 +83,7 @@ def resolve_run_name(storage: str, base: str, settings: RayTrainSettings) -> str
             raise FileNotFoundError(f"resume: no Ray Train run at {Path(storage) / name}")
         return name
     if settings.run_name is None:
-        return fresh_run_name(storage, base)
+        return fresh_name(storage, base)
     if local and (Path(storage) / settings.run_name).exists():
         raise FileExistsError(
             f"{Path(storage) / settings.run_name} exists; pass resume=True (--resume) to continue it"
@@ -109,11 +93,11 @@ def resolve_run_name(storage: str, base: str, settings: RayTrainSettings) -> str
 
 def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """Ray workers run in their own directories: make data.path absolute from here."""
-    path = Path(cfg.data.path)
-    if "://" in cfg.data.path or path.is_absolute():
+    path = absolute_data_path(cfg.data.path)
+    if path == cfg.data.path:
         return cfg
     out = cfg.model_copy(deep=True)
-    out.data.path = str(path.resolve())
+    out.data.path = path
     return out
 
 
@@ -190,7 +174,7 @@ def pretrain_ray(
 
     settings = settings or RayTrainSettings()
     console = console or Console()
-    storage = storage_root(cfg, settings)
+    storage = storage_root(settings.storage_path or cfg.train.out_dir)
     name = resolve_run_name(storage, cfg.name, settings)
     run_dir = f"{storage.rstrip('/')}/{name}"
     if settings.resume and "://" not in storage:
@@ -208,7 +192,7 @@ def pretrain_ray(
                 run_name=name,
                 params=flatten(cfg),
                 method=cfg.model.method,
-                tags={"commlab.ray_run_dir": run_dir},
+                tags={RAY_RUN_DIR_TAG: run_dir},
             )
             if resolve_address(settings.address) and ref.tracking_uri.startswith("sqlite:"):
                 console.print(
@@ -226,20 +210,20 @@ def pretrain_ray(
         try:
             result = trainer.fit()
         except ray.train.TrainingFailedError as err:
-            _finish(ref, "FAILED", f"{type(err).__name__}: {err}")
+            finish(ref, "FAILED", f"{type(err).__name__}: {err}")
             raise PretrainFailedError(
                 f"training failed: {err}", _last_checkpoint(run_dir), _id(ref)
             ) from err
         except KeyboardInterrupt:
-            _finish(ref, "KILLED", "interrupted")
+            finish(ref, "KILLED", "interrupted")
             raise
         checkpoint = result.checkpoint.path if result.checkpoint is not None else None
         outcome = result.return_value or {}
         if outcome.get("status") == "nonfinite":
             msg = f"{outcome['error']}; last good checkpoint: {checkpoint}"
-            _finish(ref, "FAILED", msg)
+            finish(ref, "FAILED", msg)
             raise NonFiniteRunError(msg, checkpoint, _id(ref))
-        _finish(ref, "FINISHED")
+        finish(ref, "FINISHED")
         console.print(f"checkpoint: {checkpoint}")
         return RayPretrainResult(run_dir, checkpoint, dict(result.metrics or {}), _id(ref))
     finally:
@@ -282,13 +266,6 @@ def fall_back_to_intact_checkpoint(run_dir: str, console: Console) -> None:
         f"[yellow]warning:[/] checkpoint {bad} is unreadable (kept as {bad.name}.corrupt); "
         f"resuming from the previous intact checkpoint {intact.name}"
     )
-
-
-def _finish(ref: Any, status: str, error: str | None = None) -> None:
-    if ref is not None:
-        from commlab.tracking import finish_run
-
-        finish_run(ref, status, error)
 
 
 def _id(ref: Any) -> str | None:

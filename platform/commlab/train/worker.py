@@ -42,6 +42,7 @@ from commlab.config import ExperimentConfig, to_yaml
 from commlab.data import DataBundle, build_data
 from commlab.models.norm import sync_batchnorm
 from commlab.objectives import LossOutput
+from commlab.tags import ATTEMPTS_TAG, RESUMED_FROM_EPOCH_TAG, WORKERS_TAG
 from commlab.train.checkpoint import rng_state, set_rng_state
 from commlab.train.epoch_end import checkpoint_payload, format_progress
 from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext
@@ -209,10 +210,10 @@ def run_training(
         from commlab.tracking import RunLogger
 
         logger = RunLogger(run_ref)
-        attempt = int(logger.client.get_run(logger.ref.run_id).data.tags.get("commlab.attempts", 0))
-        logger.set_tags({"commlab.attempts": attempt + 1, "commlab.workers": ctx.world_size})
+        attempt = int(logger.client.get_run(logger.ref.run_id).data.tags.get(ATTEMPTS_TAG, 0))
+        logger.set_tags({ATTEMPTS_TAG: attempt + 1, WORKERS_TAG: ctx.world_size})
         if resume_from is not None:
-            logger.set_tags({"commlab.resumed_from_epoch": run.epoch})
+            logger.set_tags({RESUMED_FROM_EPOCH_TAG: run.epoch})
             if run.epoch > 0 and resumed:
                 logger.log_epoch(run.epoch - 1, resumed)
 
