@@ -46,7 +46,7 @@ def trained(tmp_path_factory) -> Trained:
     from commlab.data.base import DataBundle
     from commlab.data.parquet import write_dataset
     from commlab.train.checkpoint import save_checkpoint
-    from commlab.train.local import checkpoint_payload
+    from commlab.train.epoch_end import checkpoint_payload
     from commlab.train.loop import PretrainRun
 
     root = tmp_path_factory.mktemp("trained")

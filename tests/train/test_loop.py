@@ -5,7 +5,8 @@ import torch
 
 from commlab.data.base import DataBundle
 from commlab.train.checkpoint import FORMAT, load_checkpoint
-from commlab.train.local import format_progress, pretrain_local
+from commlab.train.epoch_end import format_progress
+from commlab.train.local import pretrain_local
 from commlab.train.loop import (
     NonFiniteLossError,
     PretrainRun,
