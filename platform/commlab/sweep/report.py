@@ -181,7 +181,6 @@ def copy_best_rus(logger: Any, best_trial_id: str) -> dict[str, float] | None:
     """Put the best trial's R/U/S report (its `rus/` artifacts and `commlab.rus.*` tags) on the
     sweep's parent run, so the sweep's one run shows the experiment's answer. None when the
     best trial logged no report (its dataset has no R/U/S tasks, or it was stopped early)."""
-
     client, parent_id = logger.client, logger.ref.run_id
     found = client.search_runs(
         [client.get_run(parent_id).info.experiment_id],
