@@ -105,6 +105,50 @@ def one_run(job: dict) -> dict:
     }
 
 
+def oracle_controls(config: str, overrides: list[str]) -> dict[str, dict[str, float]]:
+    """The synergy probe on features made from the true labels of the probe pairs, no model:
+    what a linear probe reads from a perfect encoding of each attribute *without* synergy
+    (one-hot texture 1 and colour 2 side by side: a linear score is then a(texture 1) +
+    b(colour 2), which can still single out a few correlated (texture, colour) cells) and with
+    it (one one-hot of the (texture 1, colour 2) pair). A method's synergy is evidence of
+    synergistic features only where it exceeds the first row."""
+    import numpy as np
+
+    from commlab.config import load_config
+    from commlab.data import build_data
+    from commlab.probe import fit_probe
+
+    cfg = load_config(config, overrides)
+    bundle = build_data(cfg.data.name, cfg.data.path, 0, {**cfg.data.params, "biased": True})
+    probe = bundle.probe
+    labels = {
+        split: {k: v[probe.splits[split]].numpy() for k, v in probe.labels.items()}
+        for split in ("train", "test")
+    }
+
+    def onehot(a: np.ndarray, n: int = 10) -> np.ndarray:
+        return np.eye(n)[a]
+
+    features = {
+        "texture1 + colour2 one-hot (additive, no synergy)": lambda d: np.hstack(
+            [onehot(d["unique1"]), onehot(d["colour2"])]
+        ),
+        "every attribute one-hot (no synergy)": lambda d: np.hstack(
+            [onehot(d[t]) for t in ("share", "unique1", "unique2", "colour1", "colour2")]
+        ),
+        "(texture1, colour2) joint one-hot (synergy)": lambda d: onehot(
+            d["unique1"] * 10 + d["colour2"], 100
+        ),
+    }
+    out = {}
+    for name, make in features.items():
+        tr, te = labels["train"], labels["test"]
+        m = fit_probe(make(tr), tr["synergy"], make(te), te["synergy"], "binary")
+        out[name] = {"balanced_acc": m["balanced_acc"], "roc_auc": m["roc_auc"]}
+        print(f"  oracle {name}: synergy {m['balanced_acc']:.3f} (AUC {m['roc_auc']:.3f})")
+    return out
+
+
 def _stats(values: list[float]) -> dict[str, float | list[float]]:
     return {
         "mean": mean(values),
@@ -127,12 +171,23 @@ def main() -> None:
     ap.add_argument(
         "--out", default=None, help="default bench/results/trifeatures_rus_<protocol>.json"
     )
+    ap.add_argument(
+        "--controls-only",
+        action="store_true",
+        help="compute only the label-oracle synergy controls and add them to the --out JSON",
+    )
     args = ap.parse_args()
     configs = PROTOCOLS[args.protocol]
     unknown = sorted(set(args.methods) - set(configs))
     if unknown:
         ap.error(f"unknown method(s) {unknown}; valid: {', '.join(configs)}")
     out = Path(args.out or f"bench/results/trifeatures_rus_{args.protocol}.json")
+    if args.controls_only:
+        doc = json.loads(out.read_text())
+        doc["oracle_controls"] = oracle_controls(configs[args.methods[0]], args.overrides)
+        out.write_text(json.dumps(doc, indent=2))
+        print(f"wrote {out}")
+        return
 
     from commlab.config import load_config
     from commlab.data import build_data
@@ -185,6 +240,8 @@ def main() -> None:
     print("diagnostic probes (balanced accuracy, mean over seeds; chance 0.1, synergy 0.5):")
     for row, tasks in diagnostics.items():
         print(f"  {row:<24} " + " ".join(f"{t} {mean(v):.3f}" for t, v in tasks.items()))
+    print("synergy probe on label-oracle features (no model):")
+    controls = oracle_controls(configs[args.methods[0]], args.overrides)
     checks = []
     for method, axis, op, bound in TARGETS[args.protocol]:
         if method not in table or axis not in table[method]:
@@ -213,6 +270,7 @@ def main() -> None:
                     row: {t: _stats(v) for t, v in tasks.items()}
                     for row, tasks in diagnostics.items()
                 },
+                "oracle_controls": controls,
                 "targets": checks,
                 "runs": runs,
             },
