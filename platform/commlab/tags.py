@@ -35,6 +35,7 @@ BEST_CHECKPOINT_TAG = "commlab.best_checkpoint"
 BEST_PARAM_PREFIX = "commlab.best_param."
 PARAM_PREFIX = "commlab.param."  # + a trial's sampled parameter
 STOPPED_EARLY_TAG = "commlab.stopped_early"
+RUS_TRIAL_TAG = "commlab.rus_trial_id"  # the trial whose R/U/S report the parent carries
 
 # registered model versions: lineage of the promoted trial (and SWEEP_TAG, METRIC_TAG,
 # MODE_TAG, METHOD_TAG)

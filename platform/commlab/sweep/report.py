@@ -19,6 +19,7 @@ from commlab.tags import (
     BEST_TRIAL_ID_TAG,
     PARENT_TAG,
     RUS_PREFIX,
+    RUS_TRIAL_TAG,
     TRIAL_TAG,
     TRIALS_TAG,
 )
@@ -157,7 +158,18 @@ def finish_parent(space: LoadedSpace, parent: Any, result: Any, console: Console
     logger.set_tags(tags)
     if result.best_metric is not None:
         logger.client.log_metric(parent.run_id, f"best/{spec.metric}", result.best_metric)
-    rus = copy_best_rus(logger, result.best_trial_id) if result.best_trial_id else None
+    ranked = [
+        t["trial_id"]
+        for t in sorted(
+            (t for t in result.trials if _finite(t.get("metric"))),
+            key=lambda t: t["metric"],
+            reverse=spec.mode == "max",
+        )
+    ]
+    if result.best_trial_id in ranked:  # Tune's best first, whatever the table's order says
+        ranked.remove(result.best_trial_id)
+        ranked.insert(0, result.best_trial_id)
+    reported = copy_best_rus(logger, ranked)
     with tempfile.TemporaryDirectory() as tmp:
         plot_sweep(result, spec.metric, spec.mode, Path(tmp) / "plots")
         (Path(tmp) / "plots" / "trials.json").write_text(
@@ -166,9 +178,15 @@ def finish_parent(space: LoadedSpace, parent: Any, result: Any, console: Console
         logger.log_artifacts(Path(tmp) / "plots", "plots")
     finish_run(parent, "FINISHED")
     print_summary(result, spec.metric, console, space.max_epochs)
-    if rus:
+    if reported:
+        trial_id, rus = reported
+        whose = (
+            "the best trial"
+            if trial_id == result.best_trial_id
+            else f"trial {trial_id}, the best that ran all its epochs"
+        )
         console.print(
-            "R/U/S of the best trial: "
+            f"R/U/S of {whose}: "
             + "  ".join(f"{axis} {value:.3f}" for axis, value in rus.items())
             + f"  (rus/rus.md and rus/rus.png on the parent run {parent.run_id})",
             highlight=False,
@@ -177,28 +195,36 @@ def finish_parent(space: LoadedSpace, parent: Any, result: Any, console: Console
     print_next_steps(space, parent, result, console)
 
 
-def copy_best_rus(logger: Any, best_trial_id: str) -> dict[str, float] | None:
-    """Put the best trial's R/U/S report (its `rus/` artifacts and `commlab.rus.*` tags) on the
-    sweep's parent run, so the sweep's one run shows the experiment's answer. None when the
-    best trial logged no report (its dataset has no R/U/S tasks, or it was stopped early)."""
+def copy_best_rus(logger: Any, ranked_trial_ids: list[str]) -> tuple[str, dict[str, float]] | None:
+    """Put the R/U/S report (the `rus/` artifacts and `commlab.rus.*` tags) of the first trial in
+    `ranked_trial_ids` (best first) that logged one on the sweep's parent run, so the sweep's one
+    run shows the experiment's answer; a trial ASHA stopped early logged none, so the best trial
+    that ran all its epochs stands in for it (`commlab.rus_trial_id` names it). Returns (trial
+    id, {axis: value}), or None when no trial logged a report (a dataset without R/U/S tasks)."""
     client, parent_id = logger.client, logger.ref.run_id
-    found = client.search_runs(
+    children = client.search_runs(
         [client.get_run(parent_id).info.experiment_id],
-        filter_string=f"tags.`{TRIAL_TAG}` = '{best_trial_id}' "
-        f"and tags.`{PARENT_TAG}` = '{parent_id}'",
-        max_results=1,
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+        max_results=10000,
     )
-    if not found:
-        return None
-    child = found[0]
-    rus_tags = {k: v for k, v in child.data.tags.items() if k.startswith(RUS_PREFIX)}
-    if not rus_tags:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        local = client.download_artifacts(child.info.run_id, "rus", tmp)
-        logger.log_artifacts(local, "rus")
-    logger.set_tags(rus_tags)
-    return {k.removeprefix(RUS_PREFIX): float(v) for k, v in rus_tags.items()}
+    by_trial = {c.data.tags.get(TRIAL_TAG): c for c in children}
+    for trial_id in ranked_trial_ids:
+        child = by_trial.get(trial_id)
+        rus_tags = {
+            k: v for k, v in (child.data.tags if child else {}).items() if k.startswith(RUS_PREFIX)
+        }
+        if child is None or not rus_tags:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(child.info.run_id, "rus", tmp)
+            logger.log_artifacts(local, "rus")
+        logger.set_tags({**rus_tags, RUS_TRIAL_TAG: trial_id})
+        return trial_id, {k.removeprefix(RUS_PREFIX): float(v) for k, v in rus_tags.items()}
+    return None
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
 
 
 def trial_state(t: dict[str, Any], max_epochs: int) -> str:
