@@ -20,6 +20,7 @@ from commlab.data.synthetic import (
     make_synergy_dataset,
 )
 from commlab.probe import fit_probe
+from tests.data.permissions import assert_written_with_ordinary_permissions
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "synthetic"
 SMALL = dict(train=3000, test=2000)
@@ -170,15 +171,4 @@ def test_pretrain_smoke_through_config(method: str, tmp_path: Path) -> None:
 
 
 def test_generated_dataset_has_ordinary_permissions(tmp_path: Path) -> None:
-    import os
-    import stat
-
-    old = os.umask(0o022)
-    try:
-        out = generate_synthetic(tmp_path, **SMALL)
-    finally:
-        os.umask(old)
-    dirs = [out, *(p for p in out.rglob("*") if p.is_dir())]
-    assert all(stat.S_IMODE(d.stat().st_mode) == 0o755 for d in dirs)
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)
+    assert_written_with_ordinary_permissions(lambda: generate_synthetic(tmp_path, **SMALL))

@@ -15,6 +15,7 @@ from commlab.data import trifeatures as tri
 from commlab.data.parquet import read_dataset, validate_dataset
 from commlab.data.shapes import SHAPES
 from commlab.data.textures import TEXTURES
+from tests.data.permissions import assert_written_with_ordinary_permissions
 
 SMALL = dict(size=32, pairs=600, test_pairs=300)
 GREY = np.array([128, 128, 128], dtype=np.uint8)
@@ -366,17 +367,6 @@ def test_builder_adds_colour_diagnostics_from_the_attributes(tmp_path: Path) -> 
 
 
 def test_generated_dataset_has_ordinary_permissions(tmp_path: Path) -> None:
-    """Rendered in a private temp dir (mkdtemp: 0700), the finished dataset is as readable as
-    anything else the user writes, e.g. by a Ray node's user."""
-    import os
-    import stat
-
-    old = os.umask(0o022)
-    try:
-        out = tri.generate_trifeatures(tmp_path, seed=0, progress=False, **SMALL)
-    finally:
-        os.umask(old)
-    dirs = [out, *(p for p in out.rglob("*") if p.is_dir())]
-    assert all(stat.S_IMODE(d.stat().st_mode) == 0o755 for d in dirs)
-    files = [p for p in out.rglob("*") if p.is_file()]
-    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files)
+    assert_written_with_ordinary_permissions(
+        lambda: tri.generate_trifeatures(tmp_path, seed=0, progress=False, **SMALL)
+    )
