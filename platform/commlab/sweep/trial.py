@@ -61,19 +61,18 @@ def run_in_process(
     from ray import tune
 
     from commlab.train.loop import WorkerContext
-    from commlab.train.worker import report_metrics, resume, run_training, worker_device
+    from commlab.train.worker import (
+        replays_last_epoch,
+        report_metrics,
+        resume,
+        run_training,
+        worker_device,
+    )
 
     if not cfg.train.threads:
         torch.set_num_threads(max(1, threads))  # Ray gives the trial's actor 1 OpenMP thread
     train_dir.mkdir(parents=True, exist_ok=True)
     start = latest_checkpoint(train_dir)
-    reported: list[int] = []
-    resumed: dict[str, float] = {}
-
-    def resume_from(run: Any) -> dict[str, float]:
-        assert start is not None
-        resumed.update(resume(run, start))
-        return resumed
 
     def report(
         metrics: dict[str, float], directory: str, epoch: int, log: Callable[[], None]
@@ -88,7 +87,6 @@ def run_in_process(
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         log()  # before the report: ASHA may stop this process right at it
-        reported.append(epoch)
         tune.report({**report_metrics(metrics, selection), "checkpoint_path": str(dst)})
 
     outcome = run_training(
@@ -96,13 +94,12 @@ def run_in_process(
         WorkerContext(device=worker_device(cfg)),
         report,
         run_ref=ref,
-        resume_from=resume_from if start is not None else None,
+        resume_from=(lambda run: resume(run, start)) if start is not None else None,
     )
-    if not reported and start is not None and outcome["status"] == "finished":
-        # The driver died after this trial's last checkpoint but before Tune recorded it as
-        # done: nothing is left to train, so hand Tune the last epoch's result once more (Tune
-        # rejects a trial that ends without ever reporting its metric).
-        tune.report({**report_metrics(resumed, selection), "checkpoint_path": str(start)})
+    if replays_last_epoch(outcome):
+        tune.report(
+            {**report_metrics(outcome["metrics"], selection), "checkpoint_path": str(start)}
+        )
     return outcome
 
 

@@ -201,7 +201,8 @@ def run_training(
     MLflow run. `report(metrics, checkpoint_dir, epoch, log)` calls `log()` (rank 0's progress
     line and MLflow epoch) once the checkpoint is committed; under Ray Train after the report,
     in a trial's own process before it (ASHA may end the process at that report).
-    Returns {"status": "finished" | "nonfinite", "epoch", "error"}."""
+    Returns {"status": "finished" | "nonfinite", "epoch", "error"}; a finished attempt adds
+    "trained" (False when it resumed after the last epoch) and "metrics" (its final ones)."""
     run = build_run(cfg, ctx, hooks, sync_bn=sync_bn)
     resumed = resume_from(run) if resume_from is not None else {}
 
@@ -232,17 +233,30 @@ def run_training(
             report(metrics, tmp, epoch, log)
 
     try:
-        final = run.fit(on_epoch_end)
+        trained = run.fit(on_epoch_end)
     except NonFiniteLossError as err:
         return {"status": "nonfinite", "epoch": run.epoch, "error": str(err)}
-    final = final or resumed  # an attempt that resumed after the last epoch trains nothing
+    final = trained or resumed  # an attempt that resumed after the last epoch trains nothing
     if logger is not None:
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(Path(tmp) / CHECKPOINT_FILE, checkpoint_payload(run, final))
             logger.log_artifact(path, "checkpoint")
         logger.log_text(to_yaml(cfg), "config.yaml")
         logger.log_rus(final, run.data.probe.tasks, title=f"{cfg.name} ({cfg.model.method})")
-    return {"status": "finished", "epoch": run.epoch, "error": None}
+    return {
+        "status": "finished",
+        "epoch": run.epoch,
+        "error": None,
+        "trained": bool(trained),
+        "metrics": final,
+    }
+
+
+def replays_last_epoch(outcome: dict[str, Any]) -> bool:
+    """Whether an attempt resumed after its last epoch and so reported nothing: a Tune trial
+    restarted there (its driver died before recording it as done) must report that epoch's
+    result once more, or Tune rejects it for never reporting its metric."""
+    return outcome["status"] == "finished" and not outcome["trained"]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -261,21 +275,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     tctx = ray.train.get_context()
     ctx = WorkerContext(tctx.get_world_rank(), tctx.get_world_size(), worker_device(cfg))
     start = ray.train.get_checkpoint()
-    reported: list[int] = []
-    resumed: dict[str, float] = {}
 
     def resume_from(run: PretrainRun) -> dict[str, float]:
         assert start is not None
         with start.as_directory() as d:
-            resumed.update(resume(run, d))
-        return resumed
+            return resume(run, d)
 
     def report(
         metrics: dict[str, float], directory: str, epoch: int, log: Callable[[], None]
     ) -> None:
         ckpt = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(report_metrics(metrics, selection), checkpoint=ckpt)
-        reported.append(epoch)
         _kill_if_planned(hooks.get("kill"), epoch, ctx.rank)
         log()
 
@@ -288,8 +298,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         hooks=hooks,
         sync_bn=bool(config.get("sync_batchnorm", True)),
     )
-    if not reported and start is not None and outcome["status"] == "finished":
-        # resumed after the last epoch (every rank alike): report its result once more, so a
-        # Tune trial restarted at that point still ends with its metric
-        ray.train.report(report_metrics(resumed, selection))
+    if replays_last_epoch(outcome):  # every rank alike
+        ray.train.report(report_metrics(outcome["metrics"], selection))
     return outcome
