@@ -192,7 +192,7 @@ def main() -> None:
     from commlab.config import load_config
     from commlab.data import build_data
     from commlab.perf import machine_info
-    from commlab.report import format_rus_table
+    from commlab.rus import format_rus_table
 
     threads = max(1, (os.cpu_count() or 2) // args.jobs)
     jobs = [

@@ -203,7 +203,7 @@ def test_sweep_job_ships_the_checkout(monkeypatch):
         cwd=REPO,
     )
     assert spec.entrypoint == (
-        f"python jobs/sweep.py {SMOKE} --storage /shared/sweeps --name 'a b'"
+        f"python entrypoints/sweep.py {SMOKE} --storage /shared/sweeps --name 'a b'"
     )
     env = spec.runtime_env
     assert env["working_dir"] == str(REPO)
@@ -230,7 +230,11 @@ def test_excludes_keep_code_and_drop_data():
     excluded = _get_excludes(REPO, jobs.EXCLUDES)
     for path in ("data", "data/trifeatures/x.parquet", ".venv", "mlflow.db", "docker/.env"):
         assert excluded(REPO / path), path
-    for path in ("platform/commlab/data", "platform/commlab/data/parquet.py", "jobs/sweep.py"):
+    for path in (
+        "platform/commlab/data",
+        "platform/commlab/data/parquet.py",
+        "entrypoints/sweep.py",
+    ):
         assert not excluded(REPO / path), path
 
 
@@ -240,7 +244,7 @@ def test_paths_outside_the_working_dir_stay_absolute(tmp_path):
     spec = jobs.build_job(
         "sweep", ["space.yaml"], tracking_uri="http://m:5000", cwd=tmp_path, pip=["rich"]
     )
-    assert spec.entrypoint == f"python jobs/sweep.py {space}"
+    assert spec.entrypoint == f"python entrypoints/sweep.py {space}"
     assert spec.runtime_env["pip"] == ["rich"]
     assert any("outside the shipped working dir" in w for w in spec.warnings)
     assert any("--storage is not set" in w for w in spec.warnings)
@@ -254,7 +258,9 @@ def test_pretrain_paths_and_overrides(tmp_path):
         cwd=REPO,
         auth=Auth("disabled"),
     )
-    assert spec.entrypoint.startswith("python jobs/pretrain.py configs/trifeatures/smoke.yaml ")
+    assert spec.entrypoint.startswith(
+        "python entrypoints/pretrain.py configs/trifeatures/smoke.yaml "
+    )
     assert spec.runtime_env["env_vars"]["RAY_AUTH_MODE"] == "disabled"
     assert spec.warnings == []
 
@@ -351,7 +357,7 @@ def test_jobs_commands_report_unreachable_cluster():
 def test_failure_hint_names_the_missing_module():
     logs = (
         "Traceback (most recent call last):\n"
-        '  File "jobs/sweep.py", line 15, in <module>\n'
+        '  File "entrypoints/sweep.py", line 15, in <module>\n'
         "ModuleNotFoundError: No module named 'typer.core'\n"
     )
     hint = jobs.failure_hint(logs)

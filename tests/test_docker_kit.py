@@ -202,7 +202,7 @@ def test_kuberay_rayjob():
         images |= {c["image"] for c in group["template"]["spec"]["containers"]}
     assert len(images) == 1
     assert yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"]
-    assert "python jobs/sweep.py" in spec["entrypoint"]
+    assert "python entrypoints/sweep.py" in spec["entrypoint"]
 
 
 def test_cluster_search_space_recipe(tmp_path):

@@ -25,12 +25,12 @@ FLOORS: list[list[str]] = [
         "commlab.tags",
     ],
     ["commlab.data", "commlab.objectives"],
-    ["commlab.probe", "commlab.report"],  # read data's tasks
+    ["commlab.probe", "commlab.rus"],  # read data's tasks
     ["commlab.tracking"],  # MLflow; logs R/U/S reports; never needs train/
     ["commlab.augment", "commlab.models"],
     ["commlab.train"],
     ["commlab.sweep"],
-    ["commlab.encoder", "commlab.jobs"],
+    ["commlab.pretrained", "commlab.jobs"],
     ["commlab.cli"],
 ]
 ROOT = "commlab"

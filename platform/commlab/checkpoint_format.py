@@ -4,7 +4,7 @@ A checkpoint is a plain dict of tensors and primitive containers:
   format, model, optimizer, scheduler, epoch, rng, config (resolved, JSON-able), metrics, seed,
   data_fingerprint, code_version, packages, created_at.
 Nothing in it needs the original Python objects to load. Training writes it (`commlab.train`),
-promotion and `commlab.encoder` read it, so it lives below both; the training state that goes
+promotion and `commlab.pretrained` read it, so it lives below both; the training state that goes
 into it (RNG streams) is `commlab.train.checkpoint`'s.
 """
 

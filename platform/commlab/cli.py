@@ -390,9 +390,9 @@ def promote(
     """
     import json
 
+    from commlab.tracking.model_registry import PromotionError
+    from commlab.tracking.model_registry import promote as promote_best
     from commlab.tracking.query import QueryError
-    from commlab.tracking.registry import PromotionError
-    from commlab.tracking.registry import promote as promote_best
 
     try:
         p = promote_best(
@@ -434,7 +434,7 @@ def embed(
     tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
 ) -> None:
     """Embed a dataset with a trained encoder: sample_id, split, embedding (fixed-size list)."""
-    from commlab.encoder import embed_dataset, load_encoder
+    from commlab.pretrained import embed_dataset, load_encoder
 
     try:
         if not Path(model_uri).exists():  # a registry or run reference: the store must answer

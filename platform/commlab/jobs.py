@@ -3,7 +3,7 @@
 `submit` checks on this machine what it can before anything reaches the cluster: the command,
 the MLflow tracking URI the job will use, and the files named in the arguments. It then ships
 the code with the job (a Ray runtime_env `working_dir`, uploaded through the Jobs API) and runs
-the thin entry point `jobs/<kind>.py` there, which calls the same function as the CLI.
+the thin entry point `entrypoints/<kind>.py` there, which calls the same function as the CLI.
 
 The job runs on the cluster's head node, so every path and URI it receives must mean the same
 *there*: files inside the shipped working dir are passed relative to it; anything else must be
@@ -78,12 +78,12 @@ class Submission:
 
 
 def project_root() -> Path | None:
-    """The source checkout this commlab runs from (platform/commlab beside jobs/), or None."""
+    """The source checkout this commlab runs from (platform/commlab beside entrypoints/), or None."""
     import commlab
 
     pkg = Path(commlab.__file__).resolve().parent
     root = pkg.parent.parent
-    if pkg.parent.name == "platform" and (root / "jobs").is_dir():
+    if pkg.parent.name == "platform" and (root / "entrypoints").is_dir():
         return root
     return None
 
@@ -293,8 +293,8 @@ def build_job(
     if pip:
         runtime_env["pip"] = list(pip)
     runtime_env["env_vars"] = env_vars
-    script = wd / "jobs" / f"{kind}.py"
-    head = f"python jobs/{kind}.py" if script.is_file() else f"python -m commlab.cli {kind}"
+    script = wd / "entrypoints" / f"{kind}.py"
+    head = f"python entrypoints/{kind}.py" if script.is_file() else f"python -m commlab.cli {kind}"
     entrypoint = " ".join([head, *(shlex.quote(a) for a in args)])
     return JobSpec(entrypoint, runtime_env, warnings + more)
 

@@ -1,6 +1,6 @@
 """`commlab submit` against a real 2-node Ray cluster and a real `mlflow server` (loopback).
 
-The smoke sweep runs as a Ray Job (jobs/sweep.py in the shipped working dir), logs a parent
+The smoke sweep runs as a Ray Job (entrypoints/sweep.py in the shipped working dir), logs a parent
 run and one child per trial to the server, and is then promoted by a second job. Both "nodes"
 share this filesystem, so a local absolute path serves as the sweep's shared storage.
 """

@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from commlab.cli import app
-from commlab.encoder import load_encoder
+from commlab.pretrained import load_encoder
+from commlab.tracking.model_registry import model_versions, promote
 from commlab.tracking.query import sweep_trials
-from commlab.tracking.registry import model_versions, promote
 from tests.tracking.conftest import (
     METRIC,
     free_port,

@@ -372,7 +372,7 @@ class RunLogger:
         self, metrics: Mapping[str, float], tasks: Mapping[str, Task], title: str = ""
     ) -> dict[str, float] | None:
         """The R/U/S report (rus.json/.md/.png under `rus/`) when the probes cover its tasks."""
-        from commlab.report import rus_report
+        from commlab.rus import rus_report
 
         report = rus_report(metrics, tasks)
         if report is None:

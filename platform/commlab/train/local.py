@@ -18,7 +18,7 @@ from rich.console import Console
 
 from commlab.checkpoint_format import load_checkpoint, save_checkpoint
 from commlab.config import ExperimentConfig, flatten, to_yaml
-from commlab.report import rus_report
+from commlab.rus import rus_report
 from commlab.tags import RUN_DIR_TAG, WORKERS_TAG
 from commlab.train.epoch_end import checkpoint_payload, format_progress
 from commlab.train.loop import NonFiniteLossError, PretrainRun

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from commlab.data.base import Task
-from commlab.report import RusReport, format_rus_table, rus_from_metrics, rus_report
+from commlab.rus import RusReport, format_rus_table, rus_from_metrics, rus_report
 
 METRICS = {
     "probe/share/balanced_acc": 0.999,

@@ -1,8 +1,8 @@
 """Promotion: a sweep's best finished trial becomes a registered model version with an alias.
 
-The promoted model is an MLflow **pyfunc model directory** whose loader is `commlab.encoder`::
+The promoted model is an MLflow **pyfunc model directory** whose loader is `commlab.pretrained`::
 
-    MLmodel                      flavour python_function, loader_module commlab.encoder
+    MLmodel                      flavour python_function, loader_module commlab.pretrained
     data/encoder/checkpoint.pt   weights + resolved config + metadata (torch.load weights_only)
     data/encoder/config.yaml     the resolved experiment config, for people
     data/encoder/lineage.json    sweep, trial, metric, data fingerprint, code version
@@ -61,7 +61,7 @@ from commlab.tracking.query import (
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
 CONFIG_ARTIFACT = "config.yaml"
 DATA_DIR = "encoder"  # the pyfunc data directory: data/encoder/
-LOADER_MODULE = "commlab.encoder"
+LOADER_MODULE = "commlab.pretrained"
 # Kept out of the promoted checkpoint: training state, not the model.
 _TRAINING_ONLY = ("optimizer", "scheduler", "rng", "global_step")
 _ALIAS = re.compile(r"^[\w\-]+$")

@@ -10,7 +10,7 @@
 and returns an `Encoder` in eval mode whose `embed(batch)` is the vector the linear probes saw
 during training (for CoMM the fused all-modality embedding): the same deterministic evaluation
 preprocessing, the same precision. Checkpoints load with ``weights_only=True``; nothing in them
-runs code. MLflow is reached only through `commlab.tracking.registry`, and only for URIs.
+runs code. MLflow is reached only through `commlab.tracking.model_registry`, and only for URIs.
 
 This module is also the MLflow pyfunc loader of promoted models (`_load_pyfunc`), so
 ``mlflow.pyfunc.load_model`` works on them wherever commlab is installed.
@@ -177,7 +177,7 @@ def load_encoder(
     sqlite:///<cwd>/mlflow.db).
     """
     if is_remote(source):
-        from commlab.tracking.registry import fetch_model
+        from commlab.tracking.model_registry import fetch_model
 
         with tempfile.TemporaryDirectory(prefix="commlab-encoder-") as tmp:
             local = fetch_model(str(source), tmp, tracking_uri=tracking_uri)

@@ -15,9 +15,8 @@ from typer.testing import CliRunner
 
 from commlab.cli import app
 from commlab.data.parquet import read_dataset
-from commlab.encoder import Encoder, embed_dataset, load_encoder
-from commlab.tracking.query import QueryError
-from commlab.tracking.registry import (
+from commlab.pretrained import Encoder, embed_dataset, load_encoder
+from commlab.tracking.model_registry import (
     PromotionError,
     check_alias,
     check_model_name,
@@ -25,6 +24,7 @@ from commlab.tracking.registry import (
     model_versions,
     promote,
 )
+from commlab.tracking.query import QueryError
 from commlab.train.checkpoint import load_checkpoint
 from tests.tracking.conftest import METRIC, TrialSpec, make_sweep, standard_trials
 

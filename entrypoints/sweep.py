@@ -1,6 +1,6 @@
-"""Ray Jobs entry point: `python jobs/promote.py ARGS...` runs `commlab promote ARGS...`.
+"""Ray Jobs entry point: `python entrypoints/sweep.py ARGS...` runs `commlab sweep ARGS...`.
 
-`commlab submit promote ...` runs this on the cluster's head node in the shipped working dir (see
+`commlab submit sweep ...` runs this on the cluster's head node in the shipped working dir (see
 commlab.jobs); the job's MLFLOW_TRACKING_URI and RAY_ADDRESS come from its environment.
 """
 
@@ -15,4 +15,4 @@ if (_PLATFORM / "commlab").is_dir() and str(_PLATFORM) not in sys.path:
 from commlab.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(["promote", *sys.argv[1:]])
+    main(["sweep", *sys.argv[1:]])

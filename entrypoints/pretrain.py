@@ -1,4 +1,4 @@
-"""Ray Jobs entry point: `python jobs/pretrain.py ARGS...` runs `commlab pretrain ARGS...`.
+"""Ray Jobs entry point: `python entrypoints/pretrain.py ARGS...` runs `commlab pretrain ARGS...`.
 
 `commlab submit pretrain ...` runs this on the cluster's head node in the shipped working dir (see
 commlab.jobs); the job's MLFLOW_TRACKING_URI and RAY_ADDRESS come from its environment.
