@@ -1,7 +1,18 @@
+import subprocess
+import sys
+
 import pytest
 import yaml
 
-from commlab.config import ConfigError, apply_overrides, flatten, load_config
+import commlab.models  # noqa: F401  (each method registers its `loss:` options)
+from commlab.config import (
+    METHOD_OPTIONS,
+    ConfigError,
+    apply_overrides,
+    flatten,
+    load_config,
+    validate_config,
+)
 
 
 def test_defaults_and_overrides_types():
@@ -137,3 +148,59 @@ def test_flatten_roundtrip_through_overrides():
         overrides=[f"{k}={v}" for k, v in flat.items() if v is not None and v != {} and v != []]
     )
     assert rebuilt == cfg
+
+
+def test_loss_section_holds_the_methods_own_options():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["loss.ssl_scale=0.5"])
+    assert (
+        "'loss.ssl_scale' is not an option of method 'comm'; its options: gather, temperature, "
+        "weights"
+    ) in str(err.value)
+    with pytest.raises(ConfigError, match="'loss.temperature' is not an option of method 'cross'"):
+        load_config(overrides=["model.method=cross", "loss.temperature=0.1"])
+    cross = load_config(overrides=["model.method=cross", "loss.logit_scale_init=20"])
+    assert cross.loss.logit_scale_init == 20.0
+    assert {k for k in flatten(cross) if k.startswith("loss.")} == {
+        "loss.gather",
+        "loss.logit_scale_init",
+    }
+    assert set(METHOD_OPTIONS.names()) >= {"comm", "cross", "cross_self", "cmc"}
+    with pytest.raises(
+        ConfigError, match="model.method: .*unknown method 'clip'; valid: cmc, comm"
+    ):
+        load_config(overrides=["model.method=clip"])
+
+
+def test_a_flat_loss_section_from_before_per_method_options_still_loads():
+    """Resolved configs (checkpoints, logged configs) once carried every method's loss keys."""
+    raw = validate_config({"model": {"method": "cross_self"}}).model_dump(mode="json")
+    raw["loss"] = {
+        "temperature": 0.2,
+        "weights": None,
+        "ssl_scale": 0.5,
+        "logit_scale_init": 1 / 0.07,
+        "gather": False,
+    }
+    cfg = validate_config(raw)
+    assert cfg.loss.model_dump() == {"gather": False, "temperature": 0.2, "ssl_scale": 0.5}
+    assert validate_config(cfg.model_dump(mode="json")) == cfg
+
+
+def test_config_alone_stays_light_and_the_method_checks_its_options_when_built():
+    """Without the methods loaded the `loss:` section is kept as given; building checks it."""
+    code = (
+        "import sys\n"
+        "from commlab.config import load_config\n"
+        "cfg = load_config(overrides=['loss.ssl_scale=0.5'])\n"
+        "assert 'torch' not in sys.modules, 'commlab.config imported torch'\n"
+        "from commlab.models import build_method\n"
+        "try:\n"
+        "    build_method(cfg, [(4,), (4,)])\n"
+        "except ValueError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert "'loss.ssl_scale' is not an option of method 'comm'" in out

@@ -174,6 +174,8 @@ def config_show(
     flat: Annotated[bool, typer.Option(help="print dotted keys instead of YAML")] = False,
 ) -> None:
     """Print the resolved (validated, overridden) configuration."""
+    # lazy: each method registers the options its `loss:` section is checked against (torch)
+    import commlab.models  # noqa: F401
     from commlab.config import ConfigError, flatten, load_config, to_yaml
 
     try:

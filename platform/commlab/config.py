@@ -5,6 +5,11 @@ YAML is data; `load_config` validates it into `ExperimentConfig`. Overrides are 
 place (`apply_overrides`) before validation. `flatten` turns a config into dotted keys for Tune's
 param space and MLflow params. Every error names the offending key; an unknown key also names the
 closest valid one.
+
+The `loss:` section holds the configured method's own options: each method declares a
+`LossOptions` model beside its code and registers it in `METHOD_OPTIONS` when `commlab.models`
+is imported (this module stays free of torch and never imports the methods). Until then the
+section is kept as given and the method checks it when it is built.
 """
 
 from __future__ import annotations
@@ -14,7 +19,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from commlab.registry import Registry
 
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
 PosFloat = Annotated[float, Field(gt=0.0)]
@@ -171,6 +187,13 @@ class ModelConfig(_Strict):
     head: HeadConfig = Field(default_factory=HeadConfig)
     modalities: list[ModalityModelConfig] = Field(default_factory=list)
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if METHOD_OPTIONS.names():  # the methods are loaded: an unknown name lists them
+            METHOD_OPTIONS.get(value)
+        return value
+
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
         if self.embed_dim % self.n_heads:
@@ -181,12 +204,46 @@ class ModelConfig(_Strict):
 
 
 # ---------------------------------------------------------------- objective / optimiser / training
-class LossConfig(_Strict):
-    temperature: PosFloat = 0.1
-    weights: list[NonNegFloat] | None = None  # CoMM per-term weights (n_mod + 1)
-    ssl_scale: NonNegFloat = 1.0  # Cross+Self: weight of the self terms
-    logit_scale_init: PosFloat = 1 / 0.07  # Cross (CLIP)
+class LossOptions(_Strict):
+    """The `loss:` section: options every method's objective takes. Each method declares its own
+    options model, a subclass, beside its code (`commlab.models.methods`) and registers it in
+    `METHOD_OPTIONS`; the section is validated with the configured method's model."""
+
     gather: bool = True  # negatives from every worker
+
+    def check_modalities(self, n_mod: int) -> None:
+        """Raise ValueError when these options do not fit `n_mod` modalities."""
+
+
+# method name -> its options model; filled as `commlab.models` registers each method (this
+# module sits below the methods and never imports them)
+METHOD_OPTIONS: Registry[type[LossOptions]] = Registry("method")
+
+# The single flat `loss:` model that predated per-method options dumped all of these into every
+# resolved config (checkpoints, logged configs); only the method's own options are kept.
+_FLAT_LOSS_KEYS = frozenset({"temperature", "weights", "ssl_scale", "logit_scale_init", "gather"})
+
+
+class _UncheckedLoss(LossOptions):
+    """A `loss:` section kept as given, in a process that has loaded no method to check it
+    against (`import commlab.config` alone); a method checks it again when it is built."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+def _method_loss(method: str, value: Any) -> Any:
+    """`value` (the raw `loss:` section) validated with `method`'s options model."""
+    value = {} if value is None else value
+    if method not in METHOD_OPTIONS:  # no method loaded yet, or an unknown one (reported)
+        return value if isinstance(value, LossOptions) else _UncheckedLoss.model_validate(value)
+    options = METHOD_OPTIONS.get(method)
+    if isinstance(value, options):
+        return value
+    if isinstance(value, LossOptions):
+        value = value.model_dump()
+    if isinstance(value, dict) and value.keys() >= _FLAT_LOSS_KEYS:
+        value = {k: v for k, v in value.items() if k in options.model_fields}
+    return options.model_validate(value)
 
 
 class OptimConfig(_Strict):
@@ -238,9 +295,16 @@ class ExperimentConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
+    # the configured method's options model (a LossOptions subclass), dumped with its own fields
+    loss: SerializeAsAny[LossOptions] = Field(default_factory=dict, validate_default=True)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _method_options(cls, value: Any, info: ValidationInfo) -> Any:
+        model = info.data.get("model")  # absent when it failed validation (reported)
+        return _method_loss(model.method if model else "", value)
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
@@ -250,10 +314,8 @@ class ExperimentConfig(_Strict):
             raise ValueError(
                 f"augment.modalities has {n_aug} entries but model.modalities has {n_model}"
             )
-        if self.loss.weights is not None and n_model and len(self.loss.weights) != n_model + 1:
-            raise ValueError(
-                f"loss.weights needs n_mod+1 = {n_model + 1} entries, got {len(self.loss.weights)}"
-            )
+        if n_model:
+            self.loss.check_modalities(n_model)
         if self.optim.warmup_epochs >= self.train.epochs and self.optim.scheduler != "none":
             raise ValueError("optim.warmup_epochs must be smaller than train.epochs")
         return self
@@ -291,14 +353,20 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _format_error(err: ValidationError, source: str = "") -> ConfigError:
+def _format_error(err: ValidationError, source: str = "", method: str = "") -> ConfigError:
     lines = []
     for e in err.errors():
         loc = tuple(
             p for p in e["loc"] if p not in {"image", "sequence", "tabular", "text", "none"}
         )
         dotted = ".".join(str(p) for p in loc) or "<root>"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and len(loc) == 2 and loc[0] == "loss":
+            valid = sorted(METHOD_OPTIONS.get(method).model_fields)
+            lines.append(
+                f"'{dotted}' is not an option of method '{method}'{_suggest(str(loc[1]), valid)};"
+                f" its options: {', '.join(valid)}"
+            )
+        elif e["type"] == "extra_forbidden":
             parent = tuple(loc[:-1])
             hint = _suggest(str(loc[-1]), _union_keys(parent))
             lines.append(f"unknown key '{dotted}'{hint}")
@@ -325,7 +393,9 @@ def validate_config(raw: dict[str, Any], source: str = "") -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
-        raise _format_error(err, source) from None
+        model = raw.get("model") if isinstance(raw, dict) else None
+        method = model.get("method") if isinstance(model, dict) else getattr(model, "method", "")
+        raise _format_error(err, source, str(method or ModelConfig().method)) from None
 
 
 def parse_value(text: str) -> Any:
@@ -370,7 +440,8 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
                 node = node[int(part)]
             schema_loc.append(int(part))
             continue
-        in_free_dict = bool(schema_loc) and schema_loc[-1] == "params"
+        # params go to a builder; `loss:` keys depend on the method (checked on validation)
+        in_free_dict = bool(schema_loc) and (schema_loc[-1] == "params" or schema_loc == ["loss"])
         valid = _union_keys(tuple(schema_loc))
         if not in_free_dict and valid and part not in valid:
             raise ConfigError(f"unknown key '{key}'{_suggest(part, valid)}")

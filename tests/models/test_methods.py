@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from commlab.augment import build_augmenter
+from commlab.config import ConfigError, validate_config
+from commlab.data.base import Batch, DataBundle
 from commlab.models import METHODS, build_method
+from commlab.train.loop import PretrainRun
 from tests.conftest import toy_config, toy_sequence_dataset
 
 
@@ -16,7 +19,7 @@ def _setup(method):
     return cfg, model, aug, batch, g
 
 
-@pytest.mark.parametrize("method", ["comm", "cross", "cross_self", "cmc"])
+@pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_trains_and_embeds(method):
     cfg, model, aug, batch, g = _setup(method)
     va, vb = aug(batch, g), aug(batch, g)
@@ -34,9 +37,69 @@ def test_every_method_trains_and_embeds(method):
 
 def test_method_registry_lists_names():
     assert set(METHODS.names()) >= {"comm", "cross", "cross_self", "cmc"}
-    cfg = toy_config("nope")
-    with pytest.raises(ValueError, match="valid: cmc, comm, cross, cross_self"):
-        build_method(cfg, [(8, 6), (8, 5)])
+    with pytest.raises(
+        ConfigError, match="unknown method 'nope'; valid: cmc, comm, cross, cross_self"
+    ):
+        toy_config("nope")
+
+
+def _n_modalities(method: str, n_mod: int) -> tuple[object, Batch]:
+    """A method on `n_mod` GRU-encoded sequence modalities and one random batch of 8."""
+    mods = [{"encoder": {"name": "gru", "params": {"hidden": 16}}} for _ in range(n_mod)]
+    raw = toy_config(method).model_dump(mode="json")
+    raw["model"]["modalities"] = mods
+    raw["augment"]["modalities"] = [{"kind": "none"}] * n_mod
+    g = torch.Generator().manual_seed(n_mod)
+    xs = [torch.randn(8, 5, 3 + m, generator=g) for m in range(n_mod)]
+    model = build_method(validate_config(raw), [tuple(x.shape[1:]) for x in xs])
+    return model, Batch(xs=xs, pad=[None] * n_mod)
+
+
+@pytest.mark.parametrize("n_mod", [2, 3])
+@pytest.mark.parametrize("method", METHODS.names())
+def test_loss_returns_the_keys_its_method_declares(method, n_mod):
+    """What the loop logs (`train/<name>` per term and accuracy) is what sweeps check against."""
+    try:
+        model, batch = _n_modalities(method, n_mod)
+    except ValueError as err:
+        assert "needs exactly 2 modalities" in str(err)
+        pytest.skip(f"{method} takes exactly 2 modalities")
+    out = model(batch, batch)
+    declared = type(model).loss_keys(n_mod)
+    assert len(set(declared)) == len(declared) and not set(out.terms) & set(out.acc)
+    assert sorted([*out.terms, *out.acc]) == sorted(declared)
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_every_method_trains_an_epoch_and_logs_its_declared_metrics(method):
+    cfg = toy_config(
+        method,
+        ("train.epochs=1", "train.max_steps_per_epoch=2", "train.fusion=sequential"),
+    )
+    ds = toy_sequence_dataset()
+    history = []
+    PretrainRun(cfg, data=DataBundle(pretrain=ds, probe=ds, description="toy")).fit(
+        lambda epoch, metrics, run: history.append(metrics)
+    )
+    logged = {k for k in history[-1] if k.startswith("train/")}
+    declared = METHODS.get(method).loss_keys(2)
+    assert logged == {"train/loss", "train/lr", *(f"train/{k}" for k in declared)}
+    assert all(torch.isfinite(torch.tensor(history[-1][k])) for k in logged)
+    assert history[-1]["probe/cls/balanced_acc"] >= 0.0
+
+
+def test_each_method_checks_its_own_loss_options():
+    assert toy_config("cross_self", ("loss.ssl_scale=0.5",)).loss.ssl_scale == 0.5
+    assert toy_config("cross", ("loss.logit_scale_init=10",)).loss.logit_scale_init == 10.0
+    with pytest.raises(ConfigError, match=r"'loss.ssl_scale' is not an option of method 'comm'"):
+        toy_config("comm", ("loss.ssl_scale=0.5",))
+    with pytest.raises(
+        ConfigError,
+        match=r"'loss.temperature' is not an option of method 'cross'; its options: gather, logit_scale_init",
+    ):
+        toy_config("cross", ("loss.temperature=0.2",))
+    model = build_method(toy_config("cmc", ("loss.temperature=0.3",)), [(8, 6), (8, 5)])
+    assert model.options.temperature == 0.3 and isinstance(model.options, type(model).Options)
 
 
 def test_comm_loss_has_nmod_plus_one_terms():

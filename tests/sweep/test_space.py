@@ -19,9 +19,9 @@ TRIFEATURES_TASKS = {
 }
 
 
-def write(tmp_path, body: str) -> Path:
+def write(tmp_path, body: str, base: str = "configs/trifeatures/smoke.yaml") -> Path:
     p = tmp_path / "space.yaml"
-    p.write_text(f"base: {ROOT / 'configs/trifeatures/smoke.yaml'}\n" + body)
+    p.write_text(f"base: {ROOT / base}\n" + body)
     return p
 
 
@@ -123,3 +123,61 @@ def test_grace_period_beyond_epochs(tmp_path):
     )
     with pytest.raises(SearchSpaceError, match="grace_period"):
         load_space(p)
+
+
+@pytest.mark.parametrize(
+    ("base", "metric"),
+    [
+        ("configs/synthetic/cross.yaml", "train/clip_loss"),
+        ("configs/synthetic/cmc.yaml", "train/cmc_loss_0_1"),
+        ("configs/synthetic/cross_self.yaml", "train/self_acc_2"),
+        ("configs/synthetic/comm.yaml", "train/ssl_loss_2"),
+        ("configs/trifeatures/smoke.yaml", "train/ssl_acc_0"),
+    ],
+)
+def test_metric_may_be_any_term_the_method_logs(tmp_path, base, metric):
+    check_metric(
+        load_space(write(tmp_path, f"metric: {metric}\nmode: min\n", base)), TRIFEATURES_TASKS
+    )
+
+
+@pytest.mark.parametrize(
+    ("base", "metric", "hint"),
+    [
+        ("configs/synthetic/cross.yaml", "train/clip_los", "did you mean 'train/clip_loss'"),
+        ("configs/synthetic/cross.yaml", "train/ssl_loss_0", "it produces: "),
+        ("configs/synthetic/comm.yaml", "train/ssl_loss_3", "did you mean 'train/ssl_loss_"),
+        ("configs/synthetic/comm.yaml", "train/clip_loss", "it produces: "),
+    ],
+)
+def test_metric_the_method_does_not_log_is_rejected_with_a_hint(tmp_path, base, metric, hint):
+    space = load_space(write(tmp_path, f"metric: {metric}\nmode: min\n", base))
+    with pytest.raises(SearchSpaceError, match=f"does not produce '{metric}'.*{hint}"):
+        check_metric(space, TRIFEATURES_TASKS)
+
+
+def test_metric_must_be_logged_by_every_method_the_space_samples(tmp_path):
+    methods = "params:\n  model.method: {dist: choice, values: [cross, cmc]}\n"
+    for metric in ("train/ssl_acc", "train/loss"):
+        body = f"metric: {metric}\nmode: max\n{methods}"
+        check_metric(load_space(write(tmp_path, body, "configs/synthetic/cross.yaml")), {})
+    space = load_space(
+        write(
+            tmp_path,
+            f"metric: train/clip_loss\nmode: min\n{methods}",
+            "configs/synthetic/cross.yaml",
+        )
+    )
+    with pytest.raises(SearchSpaceError, match="does not produce 'train/clip_loss'"):
+        check_metric(space, {})
+
+
+def test_loss_params_are_checked_against_the_methods_options(tmp_path):
+    body = "metric: train/loss\nmode: min\nparams:\n  loss.temperature: {dist: uniform, low: 0.05, high: 0.5}\n"
+    with pytest.raises(
+        SearchSpaceError,
+        match=r"(?s)params.loss.temperature .*'loss.temperature' is not an option of method 'cross'; "
+        r"its options: gather, logit_scale_init",
+    ):
+        load_space(write(tmp_path, body, "configs/synthetic/cross.yaml"))
+    load_space(write(tmp_path, body, "configs/synthetic/cmc.yaml"))

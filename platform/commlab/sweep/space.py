@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from commlab.config import ConfigError, ExperimentConfig, apply_overrides, validate_config
+from commlab.models import METHODS  # also registers each method's `loss:` options
 
 
 class SearchSpaceError(ValueError):
@@ -210,22 +211,17 @@ def _fields_at(parent: tuple[Any, ...]) -> list[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
-def expected_metrics(tasks: dict[str, str]) -> set[str]:
-    """Metric names training produces for a dataset whose tasks have these kinds."""
+def expected_metrics(tasks: dict[str, str], method: str = "comm", n_mod: int = 2) -> set[str]:
+    """Metric names training produces with `method` on `n_mod` modalities, for a dataset whose
+    tasks have these kinds: the loss and the terms and accuracies the method declares."""
     per_kind = {
         "multiclass": ("balanced_acc", "acc", "C"),
         "binary": ("balanced_acc", "acc", "C"),
         "multilabel": ("f1_macro", "f1_weighted", "C"),
         "regression": ("mse", "r2", "alpha"),
     }
-    names = {
-        "train/loss",
-        "train/ssl_acc",
-        "train/lr",
-        "perf/samples_per_s",
-        "perf/mfu",
-        "perf/epoch_time_s",
-    }
+    names = {"train/loss", "train/lr", "perf/samples_per_s", "perf/mfu", "perf/epoch_time_s"}
+    names.update(f"train/{key}" for key in METHODS.get(method).loss_keys(n_mod))
     for task, kind in tasks.items():
         names.update(f"probe/{task}/{m}" for m in per_kind[kind])
     if sum(k in {"multiclass", "binary"} for k in tasks.values()) >= 2:
@@ -233,10 +229,22 @@ def expected_metrics(tasks: dict[str, str]) -> set[str]:
     return names
 
 
+def _methods(space: LoadedSpace) -> set[str]:
+    """Every method a trial of this space can train: the base's, or those a parameter samples."""
+    sampled = [
+        param.extremes()
+        for name, param in space.spec.params.items()
+        if "model.method" in (param.keys or [name])
+    ]
+    return {str(m) for values in sampled for m in values} or {space.base.model.method}
+
+
 def check_metric(space: LoadedSpace, tasks: dict[str, str]) -> None:
-    """The selection metric must be one that training produces for this dataset."""
+    """The selection metric must be one that training produces for this dataset, with every
+    method the space trains."""
     metric = space.spec.metric
-    valid = expected_metrics(tasks)
+    n_mod = len(space.base.model.modalities)
+    valid = set.intersection(*(expected_metrics(tasks, m, n_mod) for m in sorted(_methods(space))))
     if space.base.data.probe_tasks is not None:
         valid = {
             m
@@ -251,7 +259,7 @@ def check_metric(space: LoadedSpace, tasks: dict[str, str]) -> None:
             f"metric '{metric}' exists only on probe epochs; ASHA and Optuna need it every epoch: "
             "add train.probe_every=1 to overrides",
         )
-    if metric.startswith("train/ssl_loss_") or metric in valid:
+    if metric in valid:
         return
     close = difflib.get_close_matches(metric, sorted(valid), n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
