@@ -9,14 +9,17 @@ from commlab.objectives.comm import comm_loss
 from commlab.objectives.cross import LogitScale, clip_loss
 from commlab.objectives.cross_self import cross_self_loss
 from commlab.objectives.infonce import nt_xent
+from commlab.objectives.siglip import SigmoidScaleBias, siglip_loss
 
 __all__ = [
     "LogitScale",
     "LossOutput",
+    "SigmoidScaleBias",
     "clip_loss",
     "cmc_loss",
     "comm_loss",
     "cross_self_loss",
     "normalize_and_gather",
     "nt_xent",
+    "siglip_loss",
 ]

@@ -13,7 +13,15 @@ from commlab.config import ExperimentConfig, LossOptions, NonNegFloat, PosFloat
 from commlab.data.base import Batch
 from commlab.models.heads import ProjectionHead
 from commlab.models.methods.base import Method, cat_views, register_method
-from commlab.objectives import LogitScale, LossOutput, clip_loss, cmc_loss, cross_self_loss
+from commlab.objectives import (
+    LogitScale,
+    LossOutput,
+    SigmoidScaleBias,
+    clip_loss,
+    cmc_loss,
+    cross_self_loss,
+    siglip_loss,
+)
 
 
 class CrossModal(Method):
@@ -56,6 +64,31 @@ class Cross(CrossModal):
 
     def loss(self, view_a: Batch, view_b: Batch, gather: bool = False) -> LossOutput:
         return clip_loss(*self.project(view_a), self.logit_scale(), gather=gather)
+
+
+@register_method("siglip")
+class SigLIP(CrossModal):
+    """SigLIP (Zhai et al., ICCV 2023): pairwise sigmoid loss between the two modalities'
+    projections with a learnable temperature and bias."""
+
+    class Options(LossOptions):
+        logit_scale_init: PosFloat = 10.0  # t; learned as log t
+        logit_bias_init: float = -10.0  # b
+
+    options: Options
+
+    def __init__(self, cfg: ExperimentConfig, shapes: list[tuple[int, ...]]) -> None:
+        super().__init__(cfg, shapes)
+        opts = self.options
+        self.scale_bias = SigmoidScaleBias(opts.logit_scale_init, opts.logit_bias_init)
+
+    @classmethod
+    def loss_keys(cls, n_mod: int) -> list[str]:
+        return ["siglip_loss", "ssl_acc"]
+
+    def loss(self, view_a: Batch, view_b: Batch, gather: bool = False) -> LossOutput:
+        scale, bias = self.scale_bias()
+        return siglip_loss(*self.project(view_a), scale, bias, gather=gather)
 
 
 @register_method("cross_self")
