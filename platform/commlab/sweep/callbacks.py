@@ -10,8 +10,11 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from rich.console import Console
+from rich.markup import escape
 
 from commlab.tags import PARENT_TAG, STOPPED_EARLY_TAG, TRIAL_TAG
+from commlab.tracking import finish_run
+from commlab.tracking.runs import RunLogger, RunRef, set_tags
 
 METRIC_NAMESPACES = ("train", "val", "probe", "perf")
 
@@ -64,8 +67,6 @@ class CloseChildRuns(Callback):
         """Log the epochs Tune saw that the run lacks. A trial stopped by ASHA is torn down
         right after its report, and its rank 0 logs that epoch to MLflow only after the
         report: without this, a trial stopped at its first rung could have no metrics."""
-        from commlab.tracking.runs import RunLogger, RunRef
-
         seen = self.reported.get(trial.trial_id, {})
         ref = RunRef(self.parent.tracking_uri, self.parent.experiment_id, run_id)
         if not seen or set(seen) <= RunLogger(ref).logged_epochs:
@@ -76,9 +77,6 @@ class CloseChildRuns(Callback):
             logger.log_epoch(epoch, seen[epoch])
 
     def _close(self, trial: Any, status: str, tags: dict[str, str] | None = None) -> None:
-        from commlab.tracking import finish_run
-        from commlab.tracking.runs import RunRef, set_tags
-
         client = self.parent.client()
         runs = client.search_runs(
             [self.parent.experiment_id],
@@ -149,8 +147,6 @@ class ProgressView(Callback):
         self._line(trials, f"{trial.trial_id} {self.ended[trial.trial_id]} after {epochs} epoch(s)")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        from rich.markup import escape
-
         self.ended[trial.trial_id] = "failed"
         # Worker output is not streamed to the driver: say why, and where the whole error is
         reason = _last_line(getattr(trial, "error_file", None))

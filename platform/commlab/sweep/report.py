@@ -8,9 +8,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import optuna
 from rich.console import Console
 from rich.table import Table
 
+from commlab.cluster import _cwd
 from commlab.sweep.space import LoadedSpace
 from commlab.tags import (
     BEST_CHECKPOINT_TAG,
@@ -23,11 +25,15 @@ from commlab.tags import (
     TRIAL_TAG,
     TRIALS_TAG,
 )
+from commlab.tracking import finish_run
+from commlab.tracking.runs import RunLogger, experiment_url
 
 
 def plot_sweep(result: Any, metric: str, mode: str, out_dir: Path) -> list[Path]:
     """optimisation_history.png, learning_curves.png, parallel_coordinates.png and
     param_importances.png (when at least 3 trials have the metric)."""
+    # lazy: matplotlib is slow to import, and only the end of a sweep plots
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -78,8 +84,6 @@ def plot_sweep(result: Any, metric: str, mode: str, out_dir: Path) -> list[Path]
         hi = [max(v[i] for v in values) for i in range(len(cols))]
         span = [(h - low) or 1.0 for low, h in zip(lo, hi, strict=True)]
         fmin, fspan = min(finals), (max(finals) - min(finals)) or 1.0
-        from matplotlib import colormaps
-
         cmap = colormaps["viridis"]
         for v, f in zip(values, finals, strict=True):
             ax.plot(
@@ -113,8 +117,6 @@ def param_importances(
 ) -> dict[str, float]:
     """Optuna's fANOVA importances over the finished trials (needs >= 3 trials, >= 1 numeric
     parameter that varies); {} otherwise."""
-    import optuna
-
     keys = sorted({k for t in trials for k, v in t["config"].items() if isinstance(v, int | float)})
     if len(trials) < 3 or not keys:
         return {}
@@ -142,9 +144,6 @@ def param_importances(
 def finish_parent(space: LoadedSpace, parent: Any, result: Any, console: Console) -> None:
     """Best trial (id, metric, params, checkpoint) as tags/metrics on the parent run, plots and
     the trials table as artifacts, status FINISHED; print the summary."""
-    from commlab.tracking import finish_run
-    from commlab.tracking.runs import RunLogger
-
     spec = space.spec
     logger = RunLogger(parent)
     tags: dict[str, Any] = {TRIALS_TAG: len(result.trials)}
@@ -266,8 +265,6 @@ def print_summary(result: Any, metric: str, console: Console, max_epochs: int = 
 
 def print_next_steps(space: LoadedSpace, parent: Any, result: Any, console: Console) -> None:
     """What to run next, and where the results are."""
-    from commlab.tracking.runs import experiment_url
-
     uri = parent.tracking_uri
     model = f"{space.base.model.method}-{space.base.name}"
     where = (
@@ -282,8 +279,6 @@ def print_next_steps(space: LoadedSpace, parent: Any, result: Any, console: Cons
         f"  commlab promote --sweep {result.name} --model {model} --alias champion",
         where,
     ]
-    from commlab.cluster import _cwd
-
     here = _cwd()  # None when a job's working directory was deleted under it (see cluster.py)
     if uri.startswith("sqlite:///") and str(Path(uri[len("sqlite:///") :]).parent) != here:
         lines.append(f"  (from another directory add --tracking-uri {uri})")

@@ -11,18 +11,35 @@ ever left RUNNING.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import signal
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.schedulers import FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 
-from commlab.config import flatten
+from commlab.cluster import _cwd, check_reachable, connect, resolve_address, working_dir_lost
+from commlab.config import flatten, to_yaml
+from commlab.data import build_data
+from commlab.sweep.callbacks import CloseChildRuns, FinishingASHA, ProgressView
+from commlab.sweep.report import finish_parent
 from commlab.sweep.space import LoadedSpace, Param, check_metric, load_space
+from commlab.sweep.trial import make_trainable
 from commlab.tags import (
     KIND_TAG,
     METRIC_TAG,
@@ -31,6 +48,18 @@ from commlab.tags import (
     RESUME_ERROR_TAG,
     SWEEP_PATH_TAG,
     SWEEP_TAG,
+)
+from commlab.tracking import finish_run
+from commlab.tracking.runs import (
+    RunLogger,
+    RunRef,
+    absolute_uri,
+    check_tracking_uri,
+    default_tracking_uri,
+    find_run,
+    get_or_create_experiment,
+    open_run,
+    set_tags,
 )
 from commlab.train.plumbing import absolute_data_path, fresh_name, storage_root
 
@@ -52,9 +81,17 @@ class SweepResult:
     wall_seconds: float
 
 
+@dataclass(frozen=True)
+class _Experiment:
+    """Where the sweep's Tune experiment lives: `path` is `root`/`name`."""
+
+    root: str
+    name: str
+    path: str
+
+
 def tune_space(space: LoadedSpace) -> dict[str, Any]:
     """Tune param_space from the validated parameters."""
-    from ray import tune
 
     def one(p: Param) -> Any:
         if p.dist in ("uniform", "loguniform"):
@@ -72,8 +109,6 @@ def tune_space(space: LoadedSpace) -> dict[str, Any]:
 
 def dataset_tasks(space: LoadedSpace) -> dict[str, str]:
     """Task kinds of the sweep's dataset (built once here; cached on disk for the trials)."""
-    from commlab.data import build_data
-
     d = space.base.data
     bundle = build_data(d.name, str(Path(d.path).resolve()), space.base.seed, d.params)
     return {k: t.kind for k, t in bundle.probe.tasks.items()}
@@ -129,15 +164,11 @@ def check_resources(space: LoadedSpace, total: dict[str, float]) -> None:
 
 
 def _local_resources() -> dict[str, float]:
-    import torch
-
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
 
 
 def _connect(space: LoadedSpace, address: str | None, embedded: bool) -> bool:
-    from commlab.cluster import connect
-
     if embedded:
         # Embedded: one extra logical CPU per concurrent trial driver (they mostly wait), so the
         # trial drivers never hold the cores their own Train workers need.
@@ -153,17 +184,10 @@ def _connect(space: LoadedSpace, address: str | None, embedded: bool) -> bool:
 def _quiet_libraries() -> None:
     """Tune's experiment banner and TensorBoard hint (its new output engine ignores
     verbose=0), its INFO lines and Optuna's study banner: the progress view says it all."""
-    import logging
-
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in ("ray.tune", "ray.train", "ray.air"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-    except ImportError:
-        pass
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 @contextlib.contextmanager
@@ -171,9 +195,6 @@ def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (`commlab jobs stop`, `kill`) interrupts the sweep like Ctrl-C, so the driver
     closes its MLflow runs and leaves Ray before it goes (Ray Jobs SIGKILLs a job that has
     not exited `RAY_JOB_STOP_WAIT_TIME_S` after the SIGTERM; `commlab submit` sets it to 30)."""
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -198,6 +219,7 @@ def _other_ray_instances() -> list[str]:
     """GCS addresses of Ray instances already running on this machine (ps-based, as Ray's own
     address discovery)."""
     try:
+        # lazy, inside the try: a private helper that may move or break between Ray releases
         from ray._private.services import find_gcs_addresses
 
         # Ray caches what it found; we want now (cache_clear is attached after definition)
@@ -218,25 +240,46 @@ def run_sweep(
     console: Console | None = None,
 ) -> SweepResult:
     """Run (or `resume`) the sweep defined by the search-space file at `path`."""
-    from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
-    from ray.tune.search.optuna import OptunaSearch
-
-    from commlab.sweep.callbacks import CloseChildRuns, FinishingASHA, ProgressView
-    from commlab.sweep.trial import make_trainable
-    from commlab.tracking.runs import absolute_uri, check_tracking_uri, default_tracking_uri
-
     console = console or Console()
     space = load_space(path)  # reads every file the sweep needs before Ray connects
-    from commlab.cluster import check_reachable, resolve_address
+    uri, target = _check_store_and_cluster(tracking_uri, address)
+    _make_data_path_absolute(space)
+    check_metric(space, dataset_tasks(space))
+    exp = _experiment(space, storage, name, resume)
+    embedded = target is None
+    if embedded:
+        _check_this_machine(space, console)
+    _quiet_libraries()
+    job_cwd = None if embedded else _leave_job_dir()
+    started = _connect(space, address, embedded)
+    t0 = time.perf_counter()
+    try:
+        with _sigterm_interrupts():
+            if not embedded:
+                _fit_cluster(space, console)
+            return _run_under_parent(space, exp, uri, resume, job_cwd, t0, console)
+    finally:
+        if job_cwd is not None and os.path.isdir(job_cwd):
+            os.chdir(job_cwd)
+        if started:
+            ray.shutdown()
 
+
+def _check_store_and_cluster(
+    tracking_uri: str | None, address: str | None
+) -> tuple[str, str | None]:
+    """The absolute tracking URI and the Ray address (None: embedded Ray), both checked
+    reachable before anything slow: an unreachable store or cluster fails now."""
     uri = absolute_uri(tracking_uri) if tracking_uri else default_tracking_uri()
-    check_tracking_uri(uri)  # before anything slow: an unreachable store or cluster fails now
+    check_tracking_uri(uri)
     target = resolve_address(address)
     if target is not None:
         check_reachable(target)
-    # Tune runs each trial in its own directory: resolve a relative data path here, once.
+    return uri, target
+
+
+def _make_data_path_absolute(space: LoadedSpace) -> None:
+    """Tune runs each trial in its own directory: resolve a relative data path here, once."""
     data = space.base_raw.setdefault("data", {})
     data_path = absolute_data_path(space.base.data.path)
     if data_path != space.base.data.path:
@@ -244,149 +287,163 @@ def run_sweep(
         space.base = space.base.model_copy(
             update={"data": space.base.data.model_copy(update={"path": data["path"]})}
         )
-    check_metric(space, dataset_tasks(space))
+
+
+def _experiment(
+    space: LoadedSpace, storage: str | None, name: str | None, resume: bool
+) -> _Experiment:
+    """Where the sweep's Tune experiment goes: a fresh name, or the one `resume` continues."""
     root = storage_root(storage or "sweeps")
     base_name = name or space.name
     sweep_name = base_name if resume else fresh_name(root, base_name)
     exp_path = f"{root.rstrip('/')}/{sweep_name}"
     if resume and "://" not in root and not Path(exp_path).is_dir():
         raise FileNotFoundError(f"--resume: no sweep at {exp_path}")
-    spec = space.spec
-    embedded = target is None
-    if embedded:
-        check_resources(space, _local_resources())
-        others = _other_ray_instances()
-        if others:
-            console.print(
-                f"[yellow]warning:[/] another Ray instance runs on this machine ({', '.join(others)}); "
-                "this sweep starts its own, and Ray Train's clean-up of stopped trials cannot "
-                "tell the two apart, so stopped trials may keep their CPUs and stall the sweep. "
-                "Stop the other instance, or join it with --address."
-            )
-    _quiet_libraries()
-    from commlab.cluster import _cwd
+    return _Experiment(root, sweep_name, exp_path)
 
-    cwd = _cwd()
-    if not embedded and cwd is not None:
-        # Everything relative is resolved by now. A job's working directory can be deleted
-        # under the driver (two nodes on one machine sharing a temp dir): work from a
-        # directory that stays, and say what happened at the end.
-        import tempfile
 
-        os.chdir(tempfile.gettempdir())
-        job_cwd: str | None = cwd
-    else:
-        job_cwd = None
-    started = _connect(space, address, embedded)
-    t0 = time.perf_counter()
-    parent = None
-    previous_status = None
-    stack = contextlib.ExitStack()
-    try:
-        stack.enter_context(_sigterm_interrupts())
-        if not embedded:
-            import ray
-
-            check_resources(space, ray.cluster_resources())
-            fits = fit_concurrency(space, ray.cluster_resources())
-            if fits < spec.max_concurrent_trials:
-                console.print(
-                    f"[yellow]warning:[/] the cluster has {ray.cluster_resources().get('CPU', 0):g} "
-                    f"CPUs; a trial needs {1 + spec.resources.workers * spec.resources.cpus_per_worker:g} "
-                    f"(its driver + workers): running {fits} trial(s) at a time instead of "
-                    f"{spec.max_concurrent_trials}"
-                )
-                spec = space.spec = spec.model_copy(update={"max_concurrent_trials": fits})
-        parent, previous_status = _open_parent(space, sweep_name, exp_path, uri)
+def _check_this_machine(space: LoadedSpace, console: Console) -> None:
+    """Embedded Ray: the trial fits this machine, and no other Ray instance runs beside it."""
+    check_resources(space, _local_resources())
+    others = _other_ray_instances()
+    if others:
         console.print(
-            f"[bold]commlab sweep[/] {sweep_name}: {spec.num_samples} trials of {space.base.model.method}, "
-            f"{spec.max_concurrent_trials} at a time, metric {spec.metric} ({spec.mode}) -> {exp_path}"
+            f"[yellow]warning:[/] another Ray instance runs on this machine ({', '.join(others)}); "
+            "this sweep starts its own, and Ray Train's clean-up of stopped trials cannot "
+            "tell the two apart, so stopped trials may keep their CPUs and stall the sweep. "
+            "Stop the other instance, or join it with --address."
+        )
+
+
+def _leave_job_dir() -> str | None:
+    """On a cluster, work from a directory that stays; returns the job's working directory
+    (None when there is none to leave).
+
+    Everything relative is resolved by now. A job's working directory can be deleted under the
+    driver (two nodes on one machine sharing a temp dir): the sweep says so at its end.
+    """
+    cwd = _cwd()
+    if cwd is not None:
+        os.chdir(tempfile.gettempdir())
+    return cwd
+
+
+def _fit_cluster(space: LoadedSpace, console: Console) -> None:
+    """A trial must fit the cluster; fewer concurrent trials when not all of them fit."""
+    spec = space.spec
+    check_resources(space, ray.cluster_resources())
+    fits = fit_concurrency(space, ray.cluster_resources())
+    if fits < spec.max_concurrent_trials:
+        console.print(
+            f"[yellow]warning:[/] the cluster has {ray.cluster_resources().get('CPU', 0):g} "
+            f"CPUs; a trial needs {1 + spec.resources.workers * spec.resources.cpus_per_worker:g} "
+            f"(its driver + workers): running {fits} trial(s) at a time instead of "
+            f"{spec.max_concurrent_trials}"
+        )
+        space.spec = spec.model_copy(update={"max_concurrent_trials": fits})
+
+
+def _run_under_parent(
+    space: LoadedSpace,
+    exp: _Experiment,
+    uri: str,
+    resume: bool,
+    job_cwd: str | None,
+    t0: float,
+    console: Console,
+) -> SweepResult:
+    """Open the parent run, run the trials and finish the parent with the results; when
+    anything fails or interrupts the sweep, no run of it stays RUNNING."""
+    parent, previous_status = _open_parent(space, exp.name, exp.path, uri)
+    try:
+        spec = space.spec
+        console.print(
+            f"[bold]commlab sweep[/] {exp.name}: {spec.num_samples} trials of {space.base.model.method}, "
+            f"{spec.max_concurrent_trials} at a time, metric {spec.metric} ({spec.mode}) -> {exp.path}"
             f"  (MLflow parent run {parent.run_id})"
         )
-        trainable = make_trainable(
-            space, parent, storage=f"{exp_path}/trains", sweep_name=sweep_name
-        )
-        if spec.scheduler.name == "asha":
-            scheduler: Any = FinishingASHA(
-                time_attr="training_iteration",
-                max_t=space.max_epochs,
-                grace_period=spec.scheduler.grace_period,
-                reduction_factor=spec.scheduler.reduction_factor,
-            )
-        else:
-            scheduler = FIFOScheduler()
-        grid = any(p.dist == "grid" for p in spec.params.values())
-        if spec.searcher.name == "optuna" and not grid:
-            searcher: Any = OptunaSearch(seed=spec.searcher.seed)
-        else:  # Optuna has no grid; the basic generator expands grids and samples the rest
-            searcher = BasicVariantGenerator(random_state=spec.searcher.seed)
-        callbacks = [
-            CloseChildRuns(parent, max_epochs=space.max_epochs),
-            ProgressView(spec.metric, spec.mode, space.max_epochs),
-        ]
-        # Trials end by themselves after max_epochs (train.epochs is set to it); a Tune stop at
-        # the last report would tear the workers down before rank 0's final logging.
-        stop = None
-        if spec.stop.metric_threshold is not None:
-            stop = _threshold_stopper(spec.metric, spec.mode, spec.stop.metric_threshold)
-        run_config = tune.RunConfig(
-            name=sweep_name,
-            storage_path=root,
-            callbacks=callbacks,
-            stop=stop,
-            verbose=0,
-            failure_config=tune.FailureConfig(max_failures=0),
-        )
-        trainable = tune.with_resources(trainable, {"CPU": 1})
-        if resume:
-            tuner = tune.Tuner.restore(
-                exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True
-            )
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=tune_space(space),
-                tune_config=tune.TuneConfig(
-                    metric=spec.metric,
-                    mode=spec.mode,
-                    search_alg=searcher,
-                    scheduler=scheduler,
-                    num_samples=spec.num_samples,
-                    max_concurrent_trials=spec.max_concurrent_trials,
-                    time_budget_s=spec.stop.time_budget_s,
-                    trial_name_creator=_trial_name,
-                ),
-                run_config=run_config,
-            )
-        grid_result = tuner.fit()
-        wall = time.perf_counter() - t0
-        result = _summarise(space, sweep_name, exp_path, grid_result, parent, wall)
-        from commlab.sweep.report import finish_parent
-
+        grid = _tuner(space, parent, exp, resume).fit()
+        result = _summarise(space, exp.name, exp.path, grid, parent, time.perf_counter() - t0)
         finish_parent(space, parent, result, console)
-        if job_cwd is not None:
-            from commlab.cluster import working_dir_lost
-
-            lost = working_dir_lost(job_cwd)
-            if lost:
-                console.print(f"[yellow]warning:[/] {lost}", soft_wrap=True)
+        lost = working_dir_lost(job_cwd) if job_cwd is not None else None
+        if lost:
+            console.print(f"[yellow]warning:[/] {lost}", soft_wrap=True)
         if result.trials and all(t["error"] for t in result.trials):
             raise SweepFailedError(
-                f"every trial of sweep {sweep_name} failed; first error: {result.trials[0]['error']}"
+                f"every trial of sweep {exp.name} failed; first error: {result.trials[0]['error']}"
             )
         return result
     except BaseException as err:
-        if parent is not None:
-            _close_after_failure(parent, err, previous_status if resume else None)
+        _close_after_failure(parent, err, previous_status if resume else None)
         raise
-    finally:
-        stack.close()
-        if job_cwd is not None and os.path.isdir(job_cwd):
-            os.chdir(job_cwd)
-        if started:
-            import ray
 
-            ray.shutdown()
+
+def _tuner(space: LoadedSpace, parent: RunRef, exp: _Experiment, resume: bool) -> tune.Tuner:
+    """A new Tuner over the space, or the interrupted one restored (`resume`)."""
+    trainable = make_trainable(space, parent, storage=f"{exp.path}/trains", sweep_name=exp.name)
+    trainable = tune.with_resources(trainable, {"CPU": 1})
+    if resume:
+        return tune.Tuner.restore(
+            exp.path, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    spec = space.spec
+    return tune.Tuner(
+        trainable,
+        param_space=tune_space(space),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric,
+            mode=spec.mode,
+            search_alg=_searcher(space),
+            scheduler=_scheduler(space),
+            num_samples=spec.num_samples,
+            max_concurrent_trials=spec.max_concurrent_trials,
+            time_budget_s=spec.stop.time_budget_s,
+            trial_name_creator=_trial_name,
+        ),
+        run_config=_run_config(space, parent, exp),
+    )
+
+
+def _scheduler(space: LoadedSpace) -> Any:
+    spec = space.spec
+    if spec.scheduler.name == "asha":
+        return FinishingASHA(
+            time_attr="training_iteration",
+            max_t=space.max_epochs,
+            grace_period=spec.scheduler.grace_period,
+            reduction_factor=spec.scheduler.reduction_factor,
+        )
+    return FIFOScheduler()
+
+
+def _searcher(space: LoadedSpace) -> Any:
+    spec = space.spec
+    grid = any(p.dist == "grid" for p in spec.params.values())
+    if spec.searcher.name == "optuna" and not grid:
+        return OptunaSearch(seed=spec.searcher.seed)
+    # Optuna has no grid; the basic generator expands grids and samples the rest
+    return BasicVariantGenerator(random_state=spec.searcher.seed)
+
+
+def _run_config(space: LoadedSpace, parent: RunRef, exp: _Experiment) -> tune.RunConfig:
+    spec = space.spec
+    callbacks = [
+        CloseChildRuns(parent, max_epochs=space.max_epochs),
+        ProgressView(spec.metric, spec.mode, space.max_epochs),
+    ]
+    # Trials end by themselves after max_epochs (train.epochs is set to it); a Tune stop at
+    # the last report would tear the workers down before rank 0's final logging.
+    stop = None
+    if spec.stop.metric_threshold is not None:
+        stop = _threshold_stopper(spec.metric, spec.mode, spec.stop.metric_threshold)
+    return tune.RunConfig(
+        name=exp.name,
+        storage_path=exp.root,
+        callbacks=callbacks,
+        stop=stop,
+        verbose=0,
+        failure_config=tune.FailureConfig(max_failures=0),
+    )
 
 
 def _threshold_stopper(metric: str, mode: str, threshold: float) -> Any:
@@ -406,9 +463,6 @@ def _close_after_failure(parent: Any, err: BaseException, previous: str | None) 
     see them end). A `--resume` of a sweep that had FINISHED keeps that status: the failed
     attempt is recorded in `commlab.resume_error` instead.
     """
-    from commlab.tracking import finish_run
-    from commlab.tracking.runs import RunRef, set_tags
-
     interrupted = isinstance(err, KeyboardInterrupt)
     message = "interrupted (Ctrl-C or SIGTERM)" if interrupted else f"{type(err).__name__}: {err}"
     client = parent.client()
@@ -433,10 +487,6 @@ def _open_parent(
     space: LoadedSpace, sweep_name: str, exp_path: str, uri: str
 ) -> tuple[Any, str | None]:
     """The sweep's parent run (reopened on resume) and its status before this call."""
-    from mlflow.tracking import MlflowClient
-
-    from commlab.tracking.runs import find_run, get_or_create_experiment, open_run
-
     experiment = space.base.name
     client = MlflowClient(uri)
     before = find_run(
@@ -457,9 +507,6 @@ def _open_parent(
             SWEEP_PATH_TAG: exp_path,
         },
     )
-    from commlab.config import to_yaml
-    from commlab.tracking.runs import RunLogger
-
     logger = RunLogger(ref)
     logger.log_text(space.text, "search_space.yaml")
     logger.log_text(to_yaml(space.base), "base_config.yaml")
@@ -470,44 +517,7 @@ def _summarise(
     space: LoadedSpace, sweep_name: str, exp_path: str, grid: Any, parent: Any, wall: float
 ) -> SweepResult:
     spec = space.spec
-    trials = []
-    for r in grid:
-        df = r.metrics_dataframe
-        # Epochs count from the trial's own `epoch` metric (0-based): Tune's
-        # training_iteration restarts when a resumed trial continues from a checkpoint.
-        steps = "epoch" if df is not None and "epoch" in df else "training_iteration"
-        history = (
-            []
-            if df is None or spec.metric not in df
-            else [
-                (int(i) + (1 if steps == "epoch" else 0), float(v))
-                for i, v in zip(df[steps], df[spec.metric], strict=True)
-                if v == v
-            ]
-        )
-        metrics = r.metrics or {}
-        epochs = (
-            int(metrics["epoch"]) + 1
-            if isinstance(metrics.get("epoch"), int | float)
-            else metrics.get("training_iteration")
-        )
-        values = [v for _, v in history]
-        trials.append(
-            {
-                "trial_id": metrics.get("trial_id"),
-                "config": {k: v for k, v in (r.config or {}).items()},
-                # the best over the trial's history: the rule of `commlab runs` and promote
-                "metric": (max(values) if spec.mode == "max" else min(values))
-                if values
-                else metrics.get(spec.metric),
-                "last": metrics.get(spec.metric),
-                "iterations": epochs,
-                "train_seconds": (r.metrics or {}).get("time_total_s"),
-                "checkpoint": (r.metrics or {}).get("checkpoint_path"),
-                "error": str(r.error) if r.error else None,
-                "history": history,
-            }
-        )
+    trials = [_trial_summary(r, spec.metric, spec.mode) for r in grid]
     best_id = best_metric = best_ckpt = None
     best_params: dict[str, Any] = {}
     try:
@@ -516,13 +526,7 @@ def _summarise(
         best = None
     if best is not None and best.metrics:
         best_id = best.metrics.get("trial_id")
-        df = best.metrics_dataframe
-        series = df[spec.metric].dropna() if df is not None and spec.metric in df else None
-        if series is not None and len(series):
-            best_metric = float(series.max() if spec.mode == "max" else series.min())
-        elif isinstance(best.metrics.get(spec.metric), int | float):
-            # a trial resumed after a driver crash can come back without its metric history
-            best_metric = float(best.metrics[spec.metric])
+        best_metric = _best_value(best, spec.metric, spec.mode)
         best_params = dict(best.config or {})
         best_ckpt = best.metrics.get("checkpoint_path")
     return SweepResult(
@@ -536,6 +540,56 @@ def _summarise(
         trials,
         wall,
     )
+
+
+def _trial_summary(r: Any, metric: str, mode: str) -> dict[str, Any]:
+    """One trial's row of the sweep's summary, from its Tune result."""
+    df = r.metrics_dataframe
+    # Epochs count from the trial's own `epoch` metric (0-based): Tune's
+    # training_iteration restarts when a resumed trial continues from a checkpoint.
+    steps = "epoch" if df is not None and "epoch" in df else "training_iteration"
+    history = (
+        []
+        if df is None or metric not in df
+        else [
+            (int(i) + (1 if steps == "epoch" else 0), float(v))
+            for i, v in zip(df[steps], df[metric], strict=True)
+            if v == v
+        ]
+    )
+    metrics = r.metrics or {}
+    epochs = (
+        int(metrics["epoch"]) + 1
+        if isinstance(metrics.get("epoch"), int | float)
+        else metrics.get("training_iteration")
+    )
+    values = [v for _, v in history]
+    return {
+        "trial_id": metrics.get("trial_id"),
+        "config": {k: v for k, v in (r.config or {}).items()},
+        # the best over the trial's history: the rule of `commlab runs` and promote
+        "metric": (max(values) if mode == "max" else min(values))
+        if values
+        else metrics.get(metric),
+        "last": metrics.get(metric),
+        "iterations": epochs,
+        "train_seconds": (r.metrics or {}).get("time_total_s"),
+        "checkpoint": (r.metrics or {}).get("checkpoint_path"),
+        "error": str(r.error) if r.error else None,
+        "history": history,
+    }
+
+
+def _best_value(best: Any, metric: str, mode: str) -> float | None:
+    """The best trial's best value of `metric` over its history."""
+    df = best.metrics_dataframe
+    series = df[metric].dropna() if df is not None and metric in df else None
+    if series is not None and len(series):
+        return float(series.max() if mode == "max" else series.min())
+    if isinstance(best.metrics.get(metric), int | float):
+        # a trial resumed after a driver crash can come back without its metric history
+        return float(best.metrics[metric])
+    return None
 
 
 def sweep_plan(path: str | Path) -> LoadedSpace:
