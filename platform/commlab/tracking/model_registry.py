@@ -30,11 +30,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
+import mlflow.pyfunc
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from commlab.checkpoint_format import load_checkpoint, package_versions
+from commlab.config import ExperimentConfig, to_yaml
 from commlab.tags import (
     CODE_VERSION_TAG,
     DATA_FINGERPRINT_TAG,
@@ -175,10 +179,6 @@ def build_model_dir(
     ckpt: dict[str, Any], config_yaml: str, lineage: dict[str, str], out: Path
 ) -> Path:
     """Write the pyfunc model directory (layout in the module docstring) at `out`."""
-    import mlflow.pyfunc
-
-    from commlab.checkpoint_format import package_versions
-
     data = out.parent / f"{out.name}-data" / DATA_DIR
     data.mkdir(parents=True)
     torch.save({k: v for k, v in ckpt.items() if k not in _TRAINING_ONLY}, data / "checkpoint.pt")
@@ -215,9 +215,47 @@ def promote(
     if mode is not None and mode not in MODES:
         raise PromotionError(f"mode must be one of {MODES}, got {mode!r}")
     client, _ = client_for(tracking_uri)
+    choice = _choose(client, sweep, experiment, metric, mode)
+    existing = find_version(client, model, choice.run_id)
+    if existing is not None:
+        client.set_registered_model_alias(model, alias, existing.version)
+        return _promotion(model, alias, choice, existing, created=False)
+    model_id, lineage = _log_encoder(client, choice)
+    version = _register_version(client, model, choice, model_id, lineage)
+    client.set_registered_model_alias(model, alias, version.version)
+    return _promotion(model, alias, choice, version, created=True)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """The trial to promote, and the sweep and ranking it won."""
+
+    sweep: str  # the sweep's name
+    sweep_run_id: str
+    trial: dict[str, Any]  # the trial's row: trial_id, run_id, value, ...
+    metric: str
+    mode: str
+
+    @property
+    def run_id(self) -> str:
+        return str(self.trial["run_id"])
+
+
+def _choose(
+    client: MlflowClient, sweep: str, experiment: str | None, metric: str | None, mode: str | None
+) -> _Choice:
+    """The sweep's best FINISHED trial by `metric` and `mode` (default: the sweep's)."""
     parent = find_sweep(client, sweep, experiment)
-    tags = parent.data.tags
-    sweep_name = tags.get(SWEEP_TAG, sweep)
+    sweep_name = parent.data.tags.get(SWEEP_TAG, sweep)
+    metric, mode = _ranking(parent.data.tags, sweep_name, metric, mode)
+    best = _select(client, parent, metric, mode)
+    return _Choice(sweep_name, parent.info.run_id, best, metric, mode)
+
+
+def _ranking(
+    tags: dict[str, str], sweep_name: str, metric: str | None, mode: str | None
+) -> tuple[str, str]:
+    """The metric and mode to rank the trials by: the given ones, else the sweep's."""
     metric = metric or tags.get(METRIC_TAG)
     if not metric:
         raise PromotionError(
@@ -230,50 +268,22 @@ def promote(
                 f"selection metric ({tags.get(METRIC_TAG)})"
             )
         mode = tags[MODE_TAG]
-    best = _select(client, parent, metric, mode)
+    return metric, mode
 
-    def result(version: ModelVersion, created: bool) -> Promotion:
-        return Promotion(
-            model, int(version.version), alias, created, sweep_name, parent.info.run_id,
-            best["trial_id"], best["run_id"], metric, mode, float(best["value"]),
-            version.model_id or _model_id_in(version.source),
-        )  # fmt: skip
 
-    existing = find_version(client, model, best["run_id"])
-    if existing is not None:
-        client.set_registered_model_alias(model, alias, existing.version)
-        return result(existing, created=False)
-
+def _log_encoder(client: MlflowClient, choice: _Choice) -> tuple[str, dict[str, str]]:
+    """The trial's checkpoint as a logged model of its experiment (source run = the trial);
+    returns the logged model's id and the lineage it is tagged with."""
     with tempfile.TemporaryDirectory(prefix="commlab-promote-") as tmp:
-        from commlab.checkpoint_format import load_checkpoint
-        from commlab.config import ExperimentConfig, to_yaml
-
-        path = _download_checkpoint(client, best, Path(tmp) / "trial")
-        try:
-            ckpt = load_checkpoint(path)
-        except ValueError as err:
-            raise PromotionError(f"trial {best['trial_id']}: {err}") from None
+        ckpt = _trial_checkpoint(client, choice.trial, Path(tmp) / "trial")
         config_yaml = to_yaml(ExperimentConfig.model_validate(ckpt["config"]))
-        lineage = {
-            SWEEP_TAG: sweep_name,
-            SWEEP_RUN_ID_TAG: parent.info.run_id,
-            TRIAL_RUN_TAG: best["run_id"],
-            TRIAL_ID_TAG: str(best["trial_id"]),
-            METRIC_TAG: metric,
-            MODE_TAG: mode,
-            METRIC_VALUE_TAG: repr(float(best["value"])),
-            DATA_FINGERPRINT_TAG: str(ckpt.get("data_fingerprint", "")),
-            CODE_VERSION_TAG: str(ckpt.get("code_version", "")),
-            METHOD_TAG: str(ckpt["config"]["model"]["method"]),
-            EPOCHS_TAG: str(ckpt.get("epoch", "")),  # epochs trained (= next epoch)
-            SEED_TAG: str(ckpt.get("seed", "")),
-        }
+        lineage = _lineage(choice, ckpt)
         model_dir = build_model_dir(ckpt, config_yaml, lineage, Path(tmp) / "model")
-        trial_run = client.get_run(best["run_id"])
+        trial_run = client.get_run(choice.run_id)
         logged = client.create_logged_model(
             trial_run.info.experiment_id,
             name=DATA_DIR,
-            source_run_id=best["run_id"],
+            source_run_id=choice.run_id,
             tags=lineage,
             model_type="commlab-encoder",
         )
@@ -283,23 +293,64 @@ def promote(
             client.finalize_logged_model(logged.model_id, "FAILED")
             raise
         client.finalize_logged_model(logged.model_id, "READY")
+    return logged.model_id, lineage
 
+
+def _trial_checkpoint(client: MlflowClient, trial: dict[str, Any], dst: Path) -> dict[str, Any]:
+    path = _download_checkpoint(client, trial, dst)
+    try:
+        return load_checkpoint(path)
+    except ValueError as err:
+        raise PromotionError(f"trial {trial['trial_id']}: {err}") from None
+
+
+def _lineage(choice: _Choice, ckpt: dict[str, Any]) -> dict[str, str]:
+    """Where the promoted model comes from: model-version and logged-model tags."""
+    return {
+        SWEEP_TAG: choice.sweep,
+        SWEEP_RUN_ID_TAG: choice.sweep_run_id,
+        TRIAL_RUN_TAG: choice.run_id,
+        TRIAL_ID_TAG: str(choice.trial["trial_id"]),
+        METRIC_TAG: choice.metric,
+        MODE_TAG: choice.mode,
+        METRIC_VALUE_TAG: repr(float(choice.trial["value"])),
+        DATA_FINGERPRINT_TAG: str(ckpt.get("data_fingerprint", "")),
+        CODE_VERSION_TAG: str(ckpt.get("code_version", "")),
+        METHOD_TAG: str(ckpt["config"]["model"]["method"]),
+        EPOCHS_TAG: str(ckpt.get("epoch", "")),  # epochs trained (= next epoch)
+        SEED_TAG: str(ckpt.get("seed", "")),
+    }
+
+
+def _register_version(
+    client: MlflowClient, model: str, choice: _Choice, model_id: str, lineage: dict[str, str]
+) -> ModelVersion:
+    """A new version of `model` (registered on first use) holding the logged model."""
     _ensure_registered_model(client, model)
+    trial = choice.trial
     # The source is the logged model's artifact location, not models:/<id>: the registry's
     # sqlalchemy store resolves models:/ URIs with the *global* tracking URI (mlflow 3.17).
-    version = client.create_model_version(
+    return client.create_model_version(
         model,
-        source=client.get_logged_model(logged.model_id).artifact_location,
-        run_id=best["run_id"],
+        source=client.get_logged_model(model_id).artifact_location,
+        run_id=choice.run_id,
         tags=lineage,
         description=(
-            f"best FINISHED trial {best['trial_id']} of sweep {sweep_name}: "
-            f"{metric} = {best['value']:.4f} ({mode}, best over the trial's history)"
+            f"best FINISHED trial {trial['trial_id']} of sweep {choice.sweep}: "
+            f"{choice.metric} = {trial['value']:.4f} ({choice.mode}, best over the trial's history)"
         ),
-        model_id=logged.model_id,
+        model_id=model_id,
     )
-    client.set_registered_model_alias(model, alias, version.version)
-    return result(version, created=True)
+
+
+def _promotion(
+    model: str, alias: str, choice: _Choice, version: ModelVersion, created: bool
+) -> Promotion:
+    return Promotion(
+        model, int(version.version), alias, created, choice.sweep, choice.sweep_run_id,
+        choice.trial["trial_id"], choice.run_id, choice.metric, choice.mode,
+        float(choice.trial["value"]), version.model_id or _model_id_in(version.source),
+    )  # fmt: skip
 
 
 def _model_id_in(source: str | None) -> str | None:
@@ -350,8 +401,6 @@ def model_location(client: MlflowClient, uri: str) -> tuple[str, ModelVersion | 
 def fetch_model(source: str, dst: str | os.PathLike[str], tracking_uri: str | None = None) -> Path:
     """Download what `source` names into `dst`: a promoted model directory for models:/ URIs,
     the checkpoint file for runs:/RUN_ID[/path] or a bare run id."""
-    import mlflow.artifacts
-
     client, uri = client_for(tracking_uri)
     Path(dst).mkdir(parents=True, exist_ok=True)
     if source.startswith("models:/"):

@@ -11,12 +11,16 @@ its `commlab.best_trial_id` tag, so tables, promotion and the sweep's own summar
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
 
 from commlab.tags import (
     BEST_METRIC_TAG,
@@ -316,8 +320,6 @@ def _status(row: dict[str, Any]) -> str:
 def sweeps_table(rows: list[dict[str, Any]], wide: bool = False) -> Any:
     """The sweeps. Narrow (default) fits 80 columns: name, status, trials, best value and
     duration; `wide` adds experiment, metric and best trial (all of it: `--json`)."""
-    from rich.table import Table
-
     table = Table(title=f"{len(rows)} sweep(s)")
     table.add_column("sweep", no_wrap=True, overflow="fold")  # what --sweep takes
     if wide:
@@ -353,8 +355,6 @@ def trials_table(data: dict[str, Any], wide: bool = False) -> Any:
     """One sweep's trials, best first. Narrow (default) fits 80 columns: trial, status,
     epochs, best value of the metric, duration; `wide` adds every swept parameter, the R/U/S
     scores and the run id (`--json` has everything)."""
-    from rich.table import Table
-
     sweep, trials = data["sweep"], data["trials"]
     params = sorted({k for t in trials for k in t["params"]}) if wide else []
     axes = sorted({k for t in trials for k in t["rus"]}) if wide else []
@@ -386,9 +386,6 @@ def trials_table(data: dict[str, Any], wide: bool = False) -> Any:
             _duration(t["duration_s"]),
         ]
         table.add_row(*cells, *([t["run_id"]] if wide else []))
-    from rich.console import Group
-    from rich.text import Text
-
     parts: list[Any] = [Text(header), table]
     if not wide:
         parts.append(Text("--wide: parameters, R/U/S and run ids; --json: everything"))
@@ -403,8 +400,6 @@ def ui_command(
     server (http/https URI: nothing to start, open it). Runs are read from the database;
     their artifacts from each experiment's own location (absolute: `mlartifacts/` beside a
     sqlite file), so the UI shows them whatever the CWD."""
-    import sys
-
     uri = tracking_uri or default_tracking_uri()
     if uri.startswith(("http://", "https://")):
         return None

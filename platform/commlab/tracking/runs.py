@@ -14,17 +14,20 @@ already holds), so retried epochs never duplicate history. The driver sets the t
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from commlab.rus import rus_report
 from commlab.tags import (
     CHANGED_PREFIX,
     ERROR_TAG,
@@ -74,9 +77,6 @@ def check_tracking_uri(uri: str, timeout_s: float = 5.0) -> None:
     databases: one TCP connection (a closed port answers at once); sqlite: the directory of the
     file must exist. Outages later in a run are left to MLflow's retries.
     """
-    import socket
-    from urllib.parse import urlsplit
-
     fix = "start it, or point MLFLOW_TRACKING_URI / --tracking-uri at a running one"
     if uri.startswith("sqlite:"):
         if uri.startswith("sqlite:///") and ":memory:" not in uri:
@@ -372,8 +372,6 @@ class RunLogger:
         self, metrics: Mapping[str, float], tasks: Mapping[str, Task], title: str = ""
     ) -> dict[str, float] | None:
         """The R/U/S report (rus.json/.md/.png under `rus/`) when the probes cover its tasks."""
-        from commlab.rus import rus_report
-
         report = rus_report(metrics, tasks)
         if report is None:
             return None
