@@ -1,4 +1,4 @@
-"""The `commlab` command line, run as users run it (typer's runner in-process, plus one subprocess)."""
+"""The `commlab` command line, run as users run it (typer's runner in-process, plus subprocesses)."""
 
 import json
 import os
@@ -13,6 +13,16 @@ from commlab.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
+
+
+@pytest.mark.parametrize("module", ["commlab", "commlab.config", "commlab.cli"])
+def test_light_entry_points_load_no_torch_ray_or_mlflow(module):
+    """The CLI starts fast: importing it (or the config) loads none of the heavy libraries;
+    each command imports what it needs when it runs."""
+    code = f"import sys, {module}; print(sorted({{'torch', 'ray', 'mlflow'}} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", f"import {module} loads {proc.stdout.strip()}"
 
 
 def test_help_lists_commands():

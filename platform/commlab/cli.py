@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from commlab import jobs
+from commlab.cluster import ClusterError
+from commlab.config import ConfigError, ExperimentConfig, flatten, load_config, to_yaml
 
 app = typer.Typer(
     help="CoMM multimodal contrastive learning: pretrain, sweep, track and promote.",
@@ -25,8 +33,6 @@ err_console = Console(stderr=True)
 def _fail(msg: str) -> typer.Exit:
     """Print `msg` as one error (escaped: messages name keys as `[key]`, which rich would
     otherwise swallow as markup) and return the exit to raise (code 2: bad input)."""
-    from rich.markup import escape
-
     err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
     return typer.Exit(code=2)
 
@@ -81,46 +87,81 @@ def pretrain(
     Every run logs one MLflow run (params, per-epoch metrics, checkpoint, R/U/S report) to
     $MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db); --resume continues it.
     """
-    from commlab.cluster import ClusterError
-    from commlab.config import ConfigError, load_config
-    from commlab.train.local import pretrain_local
-    from commlab.train.loop import NonFiniteLossError
-
     if workers == 0 and (address or gpus_per_worker):
         raise _fail("--address and --gpus-per-worker need --workers >= 1")
+    # lazy: training imports torch, which `import commlab.cli` must not load
+    from commlab.train.loop import NonFiniteLossError
+
     try:
         cfg = load_config(config, overrides or [])
         if workers == 0:
-            pretrain_local(
-                cfg, run_dir=out, resume=resume, console=console, tracking=tracking,
-                experiment=experiment,
+            _pretrain_here(cfg, out, resume=resume, tracking=tracking, experiment=experiment)
+        else:
+            _pretrain_with_ray(
+                cfg, out, workers=workers, cpus_per_worker=cpus_per_worker,
+                gpus_per_worker=gpus_per_worker, max_failures=max_failures, resume=resume,
+                address=address, experiment=experiment, tracking=tracking, sync_bn=sync_bn,
             )  # fmt: skip
-            return
-        from commlab.train.trainer import PretrainFailedError, RayTrainSettings, pretrain_ray
-
-        settings = RayTrainSettings(
-            workers=workers,
-            cpus_per_worker=cpus_per_worker,
-            gpus_per_worker=gpus_per_worker,
-            max_failures=max_failures,
-            storage_path=str(out.parent) if out else None,
-            run_name=out.name if out else None,
-            resume=resume,
-            address=address,
-            experiment=experiment,
-            tracking=tracking,
-            sync_batchnorm=sync_bn,
-        )
-        try:
-            pretrain_ray(cfg, settings, console=console)
-        except PretrainFailedError as err:
-            err_console.print(f"[bold red]pretraining failed:[/] {err}")
-            raise typer.Exit(code=1) from None
     except NonFiniteLossError as err:
-        err_console.print(f"[bold red]pretraining failed:[/] {err}")
-        raise typer.Exit(code=1) from None
+        raise _failed("pretraining", err) from None
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, ClusterError) as err:
         raise _fail(str(err)) from None
+
+
+def _pretrain_here(
+    cfg: ExperimentConfig, out: Path | None, *, resume: bool, tracking: bool, experiment: str | None
+) -> None:
+    """`commlab pretrain --workers 0`: train in this process, no Ray."""
+    # lazy: training imports torch, which `import commlab.cli` must not load
+    from commlab.train.local import pretrain_local
+
+    pretrain_local(
+        cfg, run_dir=out, resume=resume, console=console, tracking=tracking, experiment=experiment
+    )
+
+
+def _pretrain_with_ray(
+    cfg: ExperimentConfig,
+    out: Path | None,
+    *,
+    workers: int,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    max_failures: int,
+    resume: bool,
+    address: str | None,
+    experiment: str | None,
+    tracking: bool,
+    sync_bn: bool,
+) -> None:
+    """`commlab pretrain --workers N`: Ray Train; a run that fails for good exits 1."""
+    # lazy: Ray Train and torch, which `import commlab.cli` must not load
+    from commlab.train.trainer import PretrainFailedError, RayTrainSettings, pretrain_ray
+
+    settings = RayTrainSettings(
+        workers=workers,
+        cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker,
+        max_failures=max_failures,
+        storage_path=str(out.parent) if out else None,
+        run_name=out.name if out else None,
+        resume=resume,
+        address=address,
+        experiment=experiment,
+        tracking=tracking,
+        sync_batchnorm=sync_bn,
+    )
+    try:
+        pretrain_ray(cfg, settings, console=console)
+    except PretrainFailedError as err:
+        raise _failed("pretraining", err) from None
+
+
+def _failed(what: str, err: Exception) -> typer.Exit:
+    """Print that `what` failed (a run that started and did not finish) and return the exit to
+    raise (code 1)."""
+    err_console.print(f"[bold red]{what} failed:[/] {err}")
+    return typer.Exit(code=1)
 
 
 @app.command()
@@ -141,7 +182,8 @@ def sweep(
 ) -> None:
     """Sweep CoMM pretraining with Ray Tune (Optuna TPE + ASHA); one MLflow parent run per
     sweep, one child run per trial, at $MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db)."""
-    from commlab.cluster import ClusterError
+    # lazy: the sweep driver imports Ray Tune, MLflow and torch (search spaces import the
+    # methods), which `import commlab.cli` must not load
     from commlab.sweep.run import SweepFailedError, run_sweep, sweep_plan
     from commlab.sweep.space import SearchSpaceError
 
@@ -159,8 +201,7 @@ def sweep(
     except (SearchSpaceError, ValueError, FileNotFoundError, ClusterError) as err:
         raise _fail(str(err)) from None
     except SweepFailedError as err:
-        err_console.print(f"[bold red]sweep failed:[/] {err}")
-        raise typer.Exit(code=1) from None
+        raise _failed("sweep", err) from None
 
 
 @config_app.command("show")
@@ -176,7 +217,6 @@ def config_show(
     """Print the resolved (validated, overridden) configuration."""
     # lazy: each method registers the options its `loss:` section is checked against (torch)
     import commlab.models  # noqa: F401
-    from commlab.config import ConfigError, flatten, load_config, to_yaml
 
     try:
         cfg = load_config(config, overrides or [])
@@ -199,6 +239,7 @@ def data_trifeatures(
     test_pairs: Annotated[int, typer.Option(help="number of test pairs")] = 4_000,
 ) -> None:
     """Render bimodal Trifeatures once (reused when present) in the Parquet dataset format."""
+    # lazy: commlab.data imports torch, which `import commlab.cli` must not load
     from commlab.data.trifeatures import generate_trifeatures
 
     try:
@@ -228,6 +269,7 @@ def data_synthetic(
 ) -> None:
     """Write the synthetic redundancy / uniqueness / synergy dataset (reused when present);
     unset knobs take the defaults in commlab.data.synthetic.DEFAULTS."""
+    # lazy: commlab.data imports torch, which `import commlab.cli` must not load
     from commlab.data.synthetic import generate_with_summary
 
     knobs = dict(
@@ -255,6 +297,7 @@ def data_synthetic(
 @data_app.command("validate")
 def data_validate(path: Annotated[Path, typer.Argument(help="dataset directory")]) -> None:
     """Check a dataset in the commlab Parquet format; exit 1 when problems are found."""
+    # lazy: commlab.data imports torch, which `import commlab.cli` must not load
     from commlab.data.parquet import validate_dataset
 
     problems = validate_dataset(path)
@@ -303,6 +346,7 @@ def data_import(
 
     Options of every importer: docs/datasets.md.
     """
+    # lazy: commlab.data imports torch, which `import commlab.cli` must not load
     from commlab.data.importers import import_dataset, parse_options
 
     try:
@@ -342,8 +386,7 @@ def runs(
 ) -> None:
     """List sweeps, or one sweep's trials ranked by its selection metric (best value over
     each trial's history, the rule of the sweep's best trial and of `commlab promote`)."""
-    import json
-
+    # lazy: commlab.tracking imports MLflow, which `import commlab.cli` must not load
     from commlab.tracking.query import (
         QueryError,
         list_sweeps,
@@ -390,8 +433,7 @@ def promote(
 
     Promoting a trial the model already holds only moves the alias (no duplicate version).
     """
-    import json
-
+    # lazy: commlab.tracking imports MLflow and torch, which `import commlab.cli` must not load
     from commlab.tracking.model_registry import PromotionError
     from commlab.tracking.model_registry import promote as promote_best
     from commlab.tracking.query import QueryError
@@ -436,6 +478,8 @@ def embed(
     tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
 ) -> None:
     """Embed a dataset with a trained encoder: sample_id, split, embedding (fixed-size list)."""
+    # lazy: torch, and MLflow for registry and run references only, which `import commlab.cli`
+    # must not load
     from commlab.pretrained import embed_dataset, load_encoder
 
     try:
@@ -463,8 +507,7 @@ def ui(
     tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
 ) -> None:
     """Start the MLflow UI on the project's tracking store (an http store: print its URL)."""
-    import subprocess
-
+    # lazy: commlab.tracking imports MLflow, which `import commlab.cli` must not load
     from commlab.tracking.query import ui_command
     from commlab.tracking.runs import default_tracking_uri
 
@@ -532,14 +575,8 @@ def submit(
     submit's options come before KIND; everything after KIND goes to that command. Files named
     in ARGS are checked here first; the code travels with the job (docker/README.md).
     """
-    from rich.markup import escape
-
-    from commlab.cluster import ClusterError
-    from commlab.jobs import SubmitError, exit_code
-    from commlab.jobs import submit as submit_job
-
     try:
-        sub = submit_job(
+        sub = jobs.submit(
             kind,
             args or [],
             address=address,
@@ -549,7 +586,7 @@ def submit(
             token_file=auth_token_file,
             submission_id=submission_id,
         )
-    except (SubmitError, ClusterError) as err:
+    except (jobs.SubmitError, ClusterError) as err:
         raise _fail(str(err)) from None
     for warning in sub.spec.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -559,16 +596,11 @@ def submit(
         return
     interrupted = f"stopped following; the job runs on (commlab jobs stop {sub.job_id})"
     status = _follow(sub.job_id, address, auth_token_file, on_interrupt=interrupted)
-    raise typer.Exit(code=exit_code(status))
+    raise typer.Exit(code=jobs.exit_code(status))
 
 
 def _follow(job_id: str, address: str | None, token_file: Path | None, on_interrupt: str) -> str:
     """Stream a job's logs to stdout until it ends; print its status and, if it failed, a hint."""
-    from rich.markup import escape
-
-    from commlab.cluster import ClusterError
-    from commlab.jobs import failure_hint, follow_job
-
     tail = [""]  # the last 20,000 characters: enough for a traceback, bounded for long jobs
 
     def write(text: str) -> None:
@@ -577,7 +609,7 @@ def _follow(job_id: str, address: str | None, token_file: Path | None, on_interr
         tail[0] = (tail[0] + text)[-20_000:]
 
     try:
-        status = follow_job(job_id, address, token_file=token_file, write=write)
+        status = jobs.follow_job(job_id, address, token_file=token_file, write=write)
     except ClusterError as err:
         raise _fail(str(err)) from None
     except KeyboardInterrupt:
@@ -585,7 +617,7 @@ def _follow(job_id: str, address: str | None, token_file: Path | None, on_interr
             err_console.print(on_interrupt)
         raise typer.Exit(code=130) from None
     console.print(f"job {job_id}: {status}", highlight=False)
-    hint = failure_hint(tail[0]) if status == "FAILED" else None
+    hint = jobs.failure_hint(tail[0]) if status == "FAILED" else None
     if hint:
         err_console.print(f"[yellow]hint:[/] {escape(hint)}")
     return status
@@ -598,19 +630,14 @@ def jobs_list(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")] = False,
 ) -> None:
     """List the cluster's jobs, oldest first."""
-    import json
-
-    from commlab.cluster import ClusterError
-    from commlab.jobs import jobs_table, list_jobs
-
     try:
-        rows = list_jobs(address, token_file=auth_token_file)
+        rows = jobs.list_jobs(address, token_file=auth_token_file)
     except ClusterError as err:
         raise _fail(str(err)) from None
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
     else:
-        console.print(jobs_table(rows))
+        console.print(jobs.jobs_table(rows))
 
 
 @jobs_app.command("status")
@@ -621,13 +648,8 @@ def jobs_status(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON (for scripts)")] = False,
 ) -> None:
     """Show a job's status (and its message, e.g. why it failed)."""
-    import json
-
-    from commlab.cluster import ClusterError
-    from commlab.jobs import job_info
-
     try:
-        info = job_info(job_id, address, token_file=auth_token_file)
+        info = jobs.job_info(job_id, address, token_file=auth_token_file)
     except ClusterError as err:
         raise _fail(str(err)) from None
     if as_json:
@@ -646,18 +668,14 @@ def jobs_logs(
     auth_token_file: Annotated[Path | None, typer.Option(help=_TOKEN_FILE_HELP)] = None,
 ) -> None:
     """Print a job's logs (driver stdout and stderr)."""
-
-    from commlab.cluster import ClusterError
-    from commlab.jobs import exit_code, job_logs
-
     if not follow:
         try:
-            typer.echo(job_logs(job_id, address, token_file=auth_token_file), nl=False)
+            typer.echo(jobs.job_logs(job_id, address, token_file=auth_token_file), nl=False)
         except ClusterError as err:
             raise _fail(str(err)) from None
         return
     status = _follow(job_id, address, auth_token_file, on_interrupt="")
-    raise typer.Exit(code=exit_code(status))
+    raise typer.Exit(code=jobs.exit_code(status))
 
 
 @jobs_app.command("stop")
@@ -667,12 +685,8 @@ def jobs_stop(
     auth_token_file: Annotated[Path | None, typer.Option(help=_TOKEN_FILE_HELP)] = None,
 ) -> None:
     """Stop a running job (its trials and workers with it)."""
-
-    from commlab.cluster import ClusterError
-    from commlab.jobs import stop_job
-
     try:
-        stopped = stop_job(job_id, address, token_file=auth_token_file)
+        stopped = jobs.stop_job(job_id, address, token_file=auth_token_file)
     except ClusterError as err:
         raise _fail(str(err)) from None
     console.print(f"{job_id}: {'stop requested' if stopped else 'already ended'}")
@@ -681,8 +695,6 @@ def jobs_stop(
 def main(argv: list[str] | None = None) -> None:
     """The `commlab` entry point: anything unexpected is one line on stderr (exit 1), not a
     traceback; COMMLAB_DEBUG=1 shows the traceback."""
-    import os
-
     try:
         app(argv, prog_name="commlab")
     except KeyboardInterrupt:
@@ -701,8 +713,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    from rich.markup import escape
-
     text = " ".join(str(err).split()) or type(err).__name__
     if len(text) > 400:
         text = text[:397] + "..."

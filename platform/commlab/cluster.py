@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,7 @@ def apply_auth(auth: Auth) -> None:
         return
     os.environ.update(env)
     try:  # Ray caches its config and token; refresh them when it was already loaded
+        # lazy, inside the try: ray's private module, and ray takes a second to import
         from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
         Config.initialize("")
@@ -171,6 +173,7 @@ def connect(
     every trial ASHA stops stay reserved and a sweep stalls. With an address: that cluster,
     with the resolved authentication (`num_cpus` is the cluster's business and is ignored).
     """
+    # lazy: ray takes a second to import; the CLI and `commlab submit` import this module
     import ray
     from ray.exceptions import AuthenticationError
 
@@ -242,6 +245,7 @@ def check_working_dir(before: str | None) -> None:
     """
     if before is None or os.path.isdir(before):
         return
+    # lazy: ray takes a second to import; the CLI and `commlab submit` import this module
     import ray
 
     ray.shutdown()
@@ -259,8 +263,6 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     `ray.init(address=...)` keeps retrying an address where no GCS listens (minutes, with no
     output); one TCP connection tells at once. `auto` / `local` are left to Ray.
     """
-    import socket
-
     if address in ("auto", "local"):
         return
     parts = urlsplit(address if "://" in address else f"//{address}")
@@ -323,6 +325,7 @@ def _without_env(*names: str) -> Iterator[None]:
 def job_client(address: str | None = None, *, token_file: str | Path | None = None) -> Any:
     """A `ray.job_submission.JobSubmissionClient` for the cluster at `address` (see
     `dashboard_url`), sending the resolved token; unreachable or refused -> ClusterError."""
+    # lazy: ray takes a second to import; the CLI and `commlab submit` import this module
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 

@@ -26,7 +26,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from rich.table import Table
+
+import commlab
 from commlab.cluster import Auth, ClusterError, dashboard_url, job_client, resolve_auth
+from commlab.config import load_config
 from commlab.tags import KIND_TAG
 
 KINDS = ("sweep", "pretrain", "promote")
@@ -79,8 +83,6 @@ class Submission:
 
 def project_root() -> Path | None:
     """The source checkout this commlab runs from (platform/commlab beside entrypoints/), or None."""
-    import commlab
-
     pkg = Path(commlab.__file__).resolve().parent
     root = pkg.parent.parent
     if pkg.parent.name == "platform" and (root / "entrypoints").is_dir():
@@ -217,12 +219,12 @@ def prepare_args(
         raise SubmitError(f"{what} not found: {local} (checked on this machine before submitting)")
     try:
         if kind == "sweep":
+            # lazy: search spaces import the methods (torch), which `import commlab.cli` must
+            # not load
             from commlab.sweep.space import load_space
 
             data_path = load_space(local).base.data.path
         else:
-            from commlab.config import load_config
-
             overrides = [args[i] for i in positional[1:]]
             data_path = load_config(local, overrides).data.path
     except ValueError as err:  # SearchSpaceError, ConfigError
@@ -268,6 +270,7 @@ def build_job(
     if not wd.is_dir():
         raise SubmitError(f"--working-dir {wd} is not a directory")
     args, more = prepare_args(kind, args, cwd=cwd, working_dir=wd)
+    # lazy: checkpoint_format imports torch, which `import commlab.cli` must not load
     from commlab.checkpoint_format import CODE_VERSION_ENV, code_version
 
     env_vars = {
@@ -287,8 +290,6 @@ def build_job(
     if (wd / "platform" / "commlab").is_dir():
         env_vars["PYTHONPATH"] = "platform"
     else:
-        import commlab
-
         runtime_env["py_modules"] = [str(Path(commlab.__file__).resolve().parent)]
     if pip:
         runtime_env["pip"] = list(pip)
@@ -476,8 +477,6 @@ def stop_job(
 
 def jobs_table(rows: list[dict[str, Any]]) -> Any:
     """A rich table of `list_jobs` rows."""
-    from rich.table import Table
-
     table = Table("job", "status", "started", "ended", "entry point")
     for r in rows:
         table.add_row(
