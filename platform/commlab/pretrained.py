@@ -29,13 +29,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+import yaml
+from rich.progress import Progress
 from torch import Tensor, nn
 
 from commlab.augment import build_augmenter
 from commlab.checkpoint_format import load_checkpoint
 from commlab.config import ExperimentConfig
 from commlab.data.base import Batch, MultimodalDataset
+from commlab.data.parquet import read_dataset, shareable
 from commlab.models import Method, build_method
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -150,8 +155,6 @@ def checkpoint_in(path: str | os.PathLike[str]) -> Path:
     if not p.is_dir():
         raise FileNotFoundError(f"no checkpoint or model at {p}")
     if (p / "MLmodel").is_file():
-        import yaml
-
         flavor = (yaml.safe_load((p / "MLmodel").read_text()) or {}).get("flavors", {})
         data = (flavor.get("python_function") or {}).get("data")
         if data and (p / data / CHECKPOINT_FILE).is_file():
@@ -177,6 +180,8 @@ def load_encoder(
     sqlite:///<cwd>/mlflow.db).
     """
     if is_remote(source):
+        # lazy: only registry and run sources need MLflow (`from commlab import load_encoder`
+        # stays MLflow-free)
         from commlab.tracking.model_registry import fetch_model
 
         with tempfile.TemporaryDirectory(prefix="commlab-encoder-") as tmp:
@@ -220,12 +225,6 @@ def embed_dataset(
     (string, null = in no split) and embedding (fixed-size list of float32); the file metadata
     key `commlab` holds the source, the dimension and the dataset fingerprint.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from rich.progress import Progress
-
-    from commlab.data.parquet import read_dataset
-
     ds = read_dataset(Path(dataset))
     encoder.check_dataset(ds)
     split_of = sample_splits(ds)
@@ -279,8 +278,6 @@ def embed_dataset(
         writer.close()
         writer = None
         os.replace(tmp, out)
-        from commlab.data.parquet import shareable
-
         shareable(out)  # mkstemp made it 0600
     finally:
         if writer is not None:

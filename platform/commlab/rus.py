@@ -186,6 +186,7 @@ def _cell(value: float | Sequence[float]) -> str:
 
 def _plot(rus: dict[str, float], chance: Mapping[str, float], title: str, path: Path) -> None:
     # Figure + Agg canvas directly: no pyplot, so no global backend or figure registry is touched.
+    # lazy: matplotlib is slow to import, and only the report's plot needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

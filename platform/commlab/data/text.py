@@ -114,7 +114,7 @@ class PretrainedTokenizer:
                 f"pretrained tokenizer directory {path} does not exist; commlab never downloads "
                 "models: point to a local copy, or leave it out to use the built-in word tokenizer"
             )
-        try:
+        try:  # lazy: transformers is optional (and slow to import)
             from transformers import AutoTokenizer
         except ImportError:
             raise ValueError(

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from commlab.config import parse_value
 from commlab.data.importers.affect import import_affect
 from commlab.data.importers.common import Imported, SourceFormatError, new_progress
 from commlab.data.importers.mimic import import_mimic
@@ -57,8 +58,6 @@ def importer_options(name: str) -> dict[str, Any]:
 
 def parse_options(items: list[str]) -> dict[str, Any]:
     """`["plot=longest", "image_size=128"]` -> options (values with YAML scalar semantics)."""
-    from commlab.config import parse_value
-
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -50,6 +50,7 @@ class Episode:
 
 
 def _h5py() -> Any:
+    # lazy: only this importer reads HDF5, and the error says what to install
     try:
         import h5py
     except ImportError:  # pragma: no cover - h5py is a declared dependency
