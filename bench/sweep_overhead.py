@@ -9,7 +9,12 @@ function's own process for single-worker trials, else in the Ray Train worker). 
 overhead = (wall - sum(training)) / trials (target <= 3 s); per trial, `outside_training_s` = its
 MLflow run's duration minus its training (building the model, loading data, logging).
 
+Each round runs the sweep twice, interleaved: trials reusing the process of a trial that ended
+(the default) and a fresh process per trial (`COMMLAB_REUSE_TRIAL_PROCESS=0`); medians and ranges
+over the rounds are reported per mode.
+
     python bench/sweep_overhead.py [--space search_spaces/trifeatures-smoke.yaml] [--concurrent 1]
+        [--rounds 2]
 """
 
 from __future__ import annotations
@@ -17,30 +22,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 from pathlib import Path
 
 import yaml
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--space", default="search_spaces/trifeatures-smoke.yaml")
-    ap.add_argument("--concurrent", type=int, default=1, help="max_concurrent_trials for the bench")
-    ap.add_argument("--out", default="bench/results/sweep_overhead.json")
-    args = ap.parse_args()
-
+def measure(space_path: Path, concurrent: int, reuse: bool) -> dict:
+    """One smoke sweep in a fresh temp store; its wall time, training time and overhead."""
     from mlflow.tracking import MlflowClient
 
-    from commlab.perf import machine_info
     from commlab.sweep.run import run_sweep
+    from commlab.sweep.trial import REUSE_ENV
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    machine_before = machine_info()
-    src = Path(args.space).resolve()
+    os.environ[REUSE_ENV] = "1" if reuse else "0"
+    src = space_path.resolve()
     spec = yaml.safe_load(src.read_text())
     spec["base"] = str((src.parent / spec["base"]).resolve())
-    spec["max_concurrent_trials"] = args.concurrent
+    spec["max_concurrent_trials"] = concurrent
     data_dir = Path("data/trifeatures").resolve()
     spec["overrides"] = [*spec.get("overrides", []), f"data.path={data_dir}"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,25 +60,25 @@ def main() -> None:
                 for m in ("perf/epoch_time_s", "perf/probe_time_s")
             }
             train_s = sum(x.value for xs in hist.values() for x in xs)
+            run_s = (k.info.end_time - k.info.start_time) / 1000
             per_trial.append(
                 {
                     "trial_id": k.data.tags.get("ray.trial_id"),
+                    "process": k.data.tags.get("commlab.process"),
                     "status": k.info.status,
                     "epochs": len(hist["perf/epoch_time_s"]),
                     "training_s": train_s,
-                    "run_s": (k.info.end_time - k.info.start_time) / 1000,
-                    "outside_training_s": (k.info.end_time - k.info.start_time) / 1000 - train_s,
+                    "run_s": run_s,
+                    "outside_training_s": run_s - train_s,
                 }
             )
     total_train = sum(t["training_s"] for t in per_trial)
     wall = result.wall_seconds
-    parallel_train = total_train / args.concurrent
-    report = {
-        "machine": machine_before,
-        "machine_at_end": machine_info(),
-        "space": str(src),
-        "concurrent_trials": args.concurrent,
+    parallel_train = total_train / concurrent
+    return {
+        "reuse_trial_processes": reuse,
         "trials": len(per_trial),
+        "processes": len({t["process"] for t in per_trial}),
         "wall_s": wall,
         "sum_training_s": total_train,
         "overhead": wall / parallel_train - 1,
@@ -86,12 +86,74 @@ def main() -> None:
         "tune_overhead_per_trial_s": (wall - parallel_train) / max(1, len(per_trial)),
         "per_trial": per_trial,
     }
-    print(
-        f"{len(per_trial)} trials, {args.concurrent} at a time: wall {wall:.1f}s, "
-        f"training {total_train:.1f}s -> {report['overhead_share_of_wall'] * 100:.1f}% of wall "
-        f"outside training (target <= 15%), {report['tune_overhead_per_trial_s']:.1f}s per trial "
-        f"(target <= 3 s); wall / training - 1 = {report['overhead'] * 100:.1f}%"
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--space", default="search_spaces/trifeatures-smoke.yaml")
+    ap.add_argument("--concurrent", type=int, default=1, help="max_concurrent_trials for the bench")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of (reused trial processes, a fresh process per trial), interleaved",
     )
+    ap.add_argument("--out", default="bench/results/sweep_overhead.json")
+    args = ap.parse_args()
+
+    from commlab.perf import machine_info
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    machine_before = machine_info()
+    runs: list[dict] = []
+    for r in range(args.rounds):
+        order = (True, False) if r % 2 == 0 else (False, True)
+        for reuse in order:
+            one = measure(Path(args.space), args.concurrent, reuse)
+            one["round"] = r
+            runs.append(one)
+            print(
+                f"round {r + 1}/{args.rounds}, "
+                f"{'reused processes' if reuse else 'fresh process per trial'}: "
+                f"{one['trials']} trials in {one['processes']} processes, wall {one['wall_s']:.1f}s, "
+                f"training {one['sum_training_s']:.1f}s -> "
+                f"{one['overhead_share_of_wall'] * 100:.1f}% of wall outside training, "
+                f"{one['tune_overhead_per_trial_s']:.1f}s per trial",
+                flush=True,
+            )
+    summary = {}
+    for reuse, label in ((True, "reused"), (False, "fresh")):
+        mine = [x for x in runs if x["reuse_trial_processes"] is reuse]
+        summary[label] = {
+            "overhead_share_of_wall": _stats([x["overhead_share_of_wall"] for x in mine]),
+            "tune_overhead_per_trial_s": _stats([x["tune_overhead_per_trial_s"] for x in mine]),
+        }
+    reused = summary["reused"]
+    report = {
+        "machine": machine_before,
+        "machine_at_end": machine_info(),
+        "space": str(Path(args.space).resolve()),
+        "concurrent_trials": args.concurrent,
+        "rounds": args.rounds,
+        "summary": summary,
+        "fresh_over_reused_per_trial_overhead": (
+            summary["fresh"]["tune_overhead_per_trial_s"]["median"]
+            / reused["tune_overhead_per_trial_s"]["median"]
+        ),
+        "targets": {"overhead_share_of_wall": 0.15, "tune_overhead_per_trial_s": 3.0},
+        "runs": runs,
+    }
+    for label, s in summary.items():
+        share, per = s["overhead_share_of_wall"], s["tune_overhead_per_trial_s"]
+        print(
+            f"{label}: {share['median'] * 100:.1f}% of wall outside training "
+            f"({share['min'] * 100:.1f}-{share['max'] * 100:.1f}; target <= 15%), "
+            f"{per['median']:.1f}s per trial ({per['min']:.1f}-{per['max']:.1f}; target <= 3 s)"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))

@@ -14,6 +14,7 @@ METHOD_TAG = "commlab.method"
 RUN_KEY_TAG = "commlab.run_key"  # what reopens a run on resume
 ERROR_TAG = "commlab.error"
 WORKERS_TAG = "commlab.workers"
+PROCESS_TAG = "commlab.process"  # host:pid of the process a sweep trial started in
 ATTEMPTS_TAG = "commlab.attempts"
 RESUMED_FROM_EPOCH_TAG = "commlab.resumed_from_epoch"
 RUN_DIR_TAG = "commlab.run_dir"  # a local pretraining run's directory
@@ -35,6 +36,8 @@ BEST_CHECKPOINT_TAG = "commlab.best_checkpoint"
 BEST_PARAM_PREFIX = "commlab.best_param."
 PARAM_PREFIX = "commlab.param."  # + a trial's sampled parameter
 STOPPED_EARLY_TAG = "commlab.stopped_early"
+# on a trial's child run that the sweep lost: its driver died before Tune recorded the trial
+LOST_TAG = "commlab.lost_trial"
 RUS_TRIAL_TAG = "commlab.rus_trial_id"  # the trial whose R/U/S report the parent carries
 
 # registered model versions: lineage of the promoted trial (and SWEEP_TAG, METRIC_TAG,

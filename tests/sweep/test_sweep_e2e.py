@@ -111,6 +111,9 @@ def test_smoke_sweep_end_to_end(tmp_path, env):
     assert stopped and all(k.info.status == "FINISHED" for k in stopped)
     assert all(k.data.tags.get("commlab.stopped_early") == "true" for k in stopped)
     assert all(k.info.run_name == f"trial-{k.data.tags['ray.trial_id']}" for k in kids)
+    # in-process trials start in the process of a trial that ended (Tune's reuse_actors)
+    processes = {k.data.tags["commlab.process"] for k in kids}
+    assert len(processes) < len(kids), processes
     # the parent's best-trial tags are Tune's ResultGrid best
     from ray import tune
 
@@ -220,6 +223,12 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path, env):
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`commlab.kind` = 'sweep'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     kids = children(env["uri"], parents[0].info.run_id)
+    # a trial that started after Tune last saved its state is lost with the driver: --resume
+    # runs its slot as a new trial and closes the lost one's child run (KILLED, tagged)
+    lost = [k for k in kids if k.data.tags.get("commlab.lost_trial") == "true"]
+    assert all(k.info.status == "KILLED" for k in lost)
+    assert not {k.data.tags["ray.trial_id"] for k in lost} & set(finished_before)
+    kids = [k for k in kids if k not in lost]
     by_trial: dict[str, list] = {}
     for k in kids:
         by_trial.setdefault(k.data.tags["ray.trial_id"], []).append(k)

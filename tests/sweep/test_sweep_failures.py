@@ -204,3 +204,27 @@ def test_a_stopped_trials_reported_epochs_all_reach_mlflow(space, sqlite_uri):
     assert run.info.status == "FINISHED" and run.data.tags["commlab.stopped_early"] == "true"
     assert [m.step for m in client.get_metric_history(child, "train/loss")] == [0, 1]
     assert "pid" not in run.data.metrics and "probe/cls/C" not in run.data.metrics
+
+
+def test_a_trial_lost_with_its_driver_is_closed_at_the_end_of_the_resumed_sweep(space, sqlite_uri):
+    """A driver that dies right after a trial started, before Tune saved its state, leaves that
+    trial's child run RUNNING and unknown to the resumed sweep: it ends KILLED and tagged."""
+    from commlab.sweep.callbacks import CloseChildRuns
+
+    parent, _ = _open_parent(space, "fail", "/sweeps/fail", sqlite_uri)
+    known = _child(parent, "t0", "RUNNING")
+    lost = _child(parent, "t1", "RUNNING")
+    done = _child(parent, "t2", "FINISHED")
+
+    class Trial:
+        def __init__(self, trial_id: str) -> None:
+            self.trial_id = trial_id
+
+    CloseChildRuns(parent, max_epochs=4).on_experiment_end([Trial("t0"), Trial("t2")])
+    client = MlflowClient(sqlite_uri)
+    assert client.get_run(known).info.status == "RUNNING"  # Tune's own callbacks close it
+    assert client.get_run(done).info.status == "FINISHED"
+    run = client.get_run(lost)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["commlab.lost_trial"] == "true"
+    assert "--resume ran its slot as a new trial" in run.data.tags["commlab.error"]

@@ -12,7 +12,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from rich.console import Console
 from rich.markup import escape
 
-from commlab.tags import PARENT_TAG, STOPPED_EARLY_TAG, TRIAL_TAG
+from commlab.tags import LOST_TAG, PARENT_TAG, STOPPED_EARLY_TAG, TRIAL_TAG
 from commlab.tracking import finish_run
 from commlab.tracking.runs import RunLogger, RunRef, set_tags
 
@@ -91,6 +91,31 @@ class CloseChildRuns(Callback):
             if tags:
                 set_tags(client, run.info.run_id, tags)
             finish_run(ref, status)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        """Close child runs of trials this sweep does not know: a driver that died right after
+        a trial started (before Tune's next save of its state, at most every 10 s) leaves that
+        trial's child run RUNNING, and `--resume` runs its slot as a new trial. The lost run
+        ends KILLED with `commlab.lost_trial=true`; what it logged stays."""
+        known = {t.trial_id for t in trials}
+        client = self.parent.client()
+        runs = client.search_runs(
+            [self.parent.experiment_id],
+            filter_string=(
+                f"tags.`{PARENT_TAG}` = '{self.parent.run_id}' and attributes.status = 'RUNNING'"
+            ),
+        )
+        for run in runs:
+            if run.data.tags.get(TRIAL_TAG) in known:
+                continue
+            ref = RunRef(self.parent.tracking_uri, self.parent.experiment_id, run.info.run_id)
+            set_tags(client, run.info.run_id, {LOST_TAG: "true"})
+            finish_run(
+                ref,
+                "KILLED",
+                "the sweep's driver stopped before Tune recorded this trial; "
+                "--resume ran its slot as a new trial",
+            )
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         epochs = epochs_done(trial.last_result or {})

@@ -39,7 +39,7 @@ from commlab.data import build_data
 from commlab.sweep.callbacks import CloseChildRuns, FinishingASHA, ProgressView
 from commlab.sweep.report import finish_parent
 from commlab.sweep.space import LoadedSpace, Param, check_metric, load_space
-from commlab.sweep.trial import make_trainable
+from commlab.sweep.trial import make_trainable, reuses_trial_processes
 from commlab.tags import (
     KIND_TAG,
     METRIC_TAG,
@@ -380,7 +380,8 @@ def _run_under_parent(
 
 def _tuner(space: LoadedSpace, parent: RunRef, exp: _Experiment, resume: bool) -> tune.Tuner:
     """A new Tuner over the space, or the interrupted one restored (`resume`)."""
-    trainable = make_trainable(space, parent, storage=f"{exp.path}/trains", sweep_name=exp.name)
+    storage = f"{exp.path}/trains"
+    trainable = make_trainable(space, parent, storage=storage, sweep_name=exp.name)
     trainable = tune.with_resources(trainable, {"CPU": 1})
     if resume:
         return tune.Tuner.restore(
@@ -399,6 +400,9 @@ def _tuner(space: LoadedSpace, parent: RunRef, exp: _Experiment, resume: bool) -
             max_concurrent_trials=spec.max_concurrent_trials,
             time_budget_s=spec.stop.time_budget_s,
             trial_name_creator=_trial_name,
+            # in-process trials: the next trial starts in the process of one that ended, where
+            # torch, commlab and an MLflow client are loaded already (restored sweeps keep it)
+            reuse_actors=reuses_trial_processes(space, storage),
         ),
         run_config=_run_config(space, parent, exp),
     )

@@ -17,13 +17,22 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from commlab.config import ExperimentConfig, apply_overrides, flatten, validate_config
 from commlab.sweep.space import LoadedSpace, to_overrides
-from commlab.tags import KIND_TAG, METHOD_TAG, PARAM_PREFIX, PARENT_TAG, SWEEP_TAG, TRIAL_TAG
+from commlab.tags import (
+    KIND_TAG,
+    METHOD_TAG,
+    PARAM_PREFIX,
+    PARENT_TAG,
+    PROCESS_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+)
 
 
 def trial_config(
@@ -38,6 +47,16 @@ CHECKPOINT_PREFIX = "checkpoint_"
 def in_process(resources: dict[str, Any], storage: str) -> bool:
     """Whether a trial with these resources runs in the Tune function's own process."""
     return resources["workers"] == 1 and not resources["gpus_per_worker"] and "://" not in storage
+
+
+REUSE_ENV = "COMMLAB_REUSE_TRIAL_PROCESS"
+
+
+def reuses_trial_processes(space: LoadedSpace, storage: str) -> bool:
+    """Whether a trial starts in the process of a trial that ended (Tune's `reuse_actors`): for
+    in-process trials, unless `COMMLAB_REUSE_TRIAL_PROCESS=0` asks for a fresh process each."""
+    resources = space.spec.resources.model_dump()
+    return in_process(resources, storage) and os.environ.get(REUSE_ENV, "1") != "0"
 
 
 def latest_checkpoint(train_dir: Path) -> Path | None:
@@ -135,6 +154,7 @@ def make_trainable(space: LoadedSpace, parent: Any, storage: str, sweep_name: st
                 SWEEP_TAG: sweep_name,
                 KIND_TAG: "trial",
                 METHOD_TAG: cfg.model.method,
+                PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}",
                 **{PARAM_PREFIX + k: str(v) for k, v in config.items()},
             },
         )
