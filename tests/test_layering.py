@@ -195,3 +195,60 @@ def test_a_cycle_and_not_a_type_only_import_is_caught():
     modules = [*package_modules(), *fake]
     assert [c for c in cycles(imports(modules)) if "commlab.data.a" in c]
     assert not [i for i in imports(modules) if i.source == "commlab.data.c"]
+
+
+# Which modules may import the heavy services (inside functions too): MLflow only through
+# tracking/, Ray only where runs are connected, trained or swept.
+SERVICES: dict[str, list[str]] = {
+    "mlflow": ["commlab.tracking"],
+    "ray": ["commlab.cluster", "commlab.train", "commlab.sweep"],
+}
+
+
+def service_imports(module: Module) -> list[tuple[str, int]]:
+    """(service, line) for each import of a SERVICES package in `module`, TYPE_CHECKING aside."""
+    out: list[tuple[str, int]] = []
+
+    class Visitor(ast.NodeVisitor):
+        def visit_If(self, node: ast.If) -> None:
+            for child in (
+                node.orelse if _is_type_checking(node.test) else [*node.body, *node.orelse]
+            ):
+                self.visit(child)
+
+        def visit_Import(self, node: ast.Import) -> None:
+            out.extend((a.name.split(".")[0], node.lineno) for a in node.names)
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+            if not node.level and node.module:
+                out.append((node.module.split(".")[0], node.lineno))
+
+    Visitor().visit(ast.parse(module.text))
+    return [(pkg, line) for pkg, line in out if pkg in SERVICES]
+
+
+def misplaced_services(modules: list[Module]) -> list[str]:
+    return [
+        f"{m.name}:{line} imports {pkg}"
+        for m in modules
+        for pkg, line in service_imports(m)
+        if not any(m.name == p or m.name.startswith(p + ".") for p in SERVICES[pkg])
+    ]
+
+
+def test_mlflow_and_ray_are_imported_only_where_they_belong():
+    assert misplaced_services(package_modules()) == []
+
+
+def test_a_misplaced_service_import_is_caught():
+    fake = [
+        Module(
+            "commlab.sweep.x", False, "def f():\n    from mlflow.tracking import MlflowClient\n"
+        ),
+        Module("commlab.models.x", False, "import ray.train\n"),
+        Module("commlab.train.x", False, "import ray\n"),
+    ]
+    assert misplaced_services(fake) == [
+        "commlab.sweep.x:2 imports mlflow",
+        "commlab.models.x:1 imports ray",
+    ]

@@ -26,7 +26,6 @@ from typing import Any
 import optuna
 import ray
 import torch
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
@@ -56,10 +55,9 @@ from commlab.tracking.runs import (
     absolute_uri,
     check_tracking_uri,
     default_tracking_uri,
-    find_run,
-    get_or_create_experiment,
     open_run,
     set_tags,
+    status_of_key,
 )
 from commlab.train.plumbing import absolute_data_path, fresh_name, storage_root
 
@@ -492,11 +490,7 @@ def _open_parent(
 ) -> tuple[Any, str | None]:
     """The sweep's parent run (reopened on resume) and its status before this call."""
     experiment = space.base.name
-    client = MlflowClient(uri)
-    before = find_run(
-        client, get_or_create_experiment(client, experiment, uri), f"sweep:{exp_path}"
-    )
-    previous = client.get_run(before).info.status if before else None
+    previous = status_of_key(uri, experiment, f"sweep:{exp_path}")
     ref, _ = open_run(
         uri,
         experiment,

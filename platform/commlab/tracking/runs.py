@@ -286,6 +286,14 @@ def finish_run(ref: RunRef, status: str, error: str | None = None) -> None:
     client.set_terminated(ref.run_id, status=status)
 
 
+def status_of_key(tracking_uri: str, experiment: str, run_key: str) -> str | None:
+    """The status of the run keyed `run_key` in `experiment` (created if missing), or None
+    when there is no such run yet."""
+    client = MlflowClient(tracking_uri)
+    run_id = find_run(client, get_or_create_experiment(client, experiment, tracking_uri), run_key)
+    return str(client.get_run(run_id).info.status) if run_id else None
+
+
 def run_status(ref: RunRef) -> str:
     return str(ref.client().get_run(ref.run_id).info.status)
 
