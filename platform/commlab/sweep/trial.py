@@ -22,6 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray.train
+import torch
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from commlab.config import ExperimentConfig, apply_overrides, flatten, validate_config
 from commlab.sweep.space import LoadedSpace, to_overrides
 from commlab.tags import (
@@ -32,6 +37,17 @@ from commlab.tags import (
     PROCESS_TAG,
     SWEEP_TAG,
     TRIAL_TAG,
+)
+from commlab.tracking import finish_run
+from commlab.tracking.runs import open_run
+from commlab.train.loop import WorkerContext
+from commlab.train.trainer import RayTrainSettings, build_trainer
+from commlab.train.worker import (
+    replays_last_epoch,
+    report_metrics,
+    resume,
+    run_training,
+    worker_device,
 )
 
 
@@ -76,18 +92,6 @@ def run_in_process(
 ) -> dict[str, Any]:
     """Train `cfg` here, reporting each epoch to Tune with its checkpoint copied (atomically) to
     `train_dir/checkpoint_<epoch>`; the last `keep` are kept. Resumes from the latest one."""
-    import torch
-    from ray import tune
-
-    from commlab.train.loop import WorkerContext
-    from commlab.train.worker import (
-        replays_last_epoch,
-        report_metrics,
-        resume,
-        run_training,
-        worker_device,
-    )
-
     if not cfg.train.threads:
         torch.set_num_threads(max(1, threads))  # Ray gives the trial's actor 1 OpenMP thread
     train_dir.mkdir(parents=True, exist_ok=True)
@@ -131,14 +135,6 @@ def make_trainable(space: LoadedSpace, parent: Any, storage: str, sweep_name: st
     metric, mode = spec.metric, spec.mode
 
     def trainable(config: dict[str, Any]) -> None:
-        import ray.train
-        from ray import tune
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        from commlab.tracking import finish_run
-        from commlab.tracking.runs import open_run
-        from commlab.train.trainer import RayTrainSettings, build_trainer
-
         ctx = tune.get_context()
         trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
         cfg = trial_config(base_raw, to_overrides(spec, config), max_epochs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from commlab.checkpoint_format import (
@@ -35,8 +36,6 @@ __all__ = [
 
 
 def rng_state() -> dict[str, Any]:
-    import numpy as np
-
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     np_state = np.random.get_state(legacy=True)
     assert isinstance(np_state, tuple)  # legacy=True: the MT19937 tuple
@@ -52,8 +51,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     s = state["numpy"]
     np.random.set_state(

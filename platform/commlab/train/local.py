@@ -20,6 +20,8 @@ from commlab.checkpoint_format import load_checkpoint, save_checkpoint
 from commlab.config import ExperimentConfig, flatten, to_yaml
 from commlab.rus import rus_report
 from commlab.tags import RUN_DIR_TAG, WORKERS_TAG
+from commlab.tracking import RunLogger
+from commlab.tracking.runs import open_pretrain_run
 from commlab.train.epoch_end import checkpoint_payload, format_progress
 from commlab.train.loop import NonFiniteLossError, PretrainRun
 from commlab.train.plumbing import finish, fresh_name
@@ -126,9 +128,6 @@ def _fit(
 def _open_tracking(
     cfg: ExperimentConfig, out: Path, tracking_uri: str | None, experiment: str | None
 ) -> Any:
-    from commlab.tracking import RunLogger
-    from commlab.tracking.runs import open_pretrain_run
-
     run_dir = str(out.resolve())
     ref = open_pretrain_run(
         tracking_uri,

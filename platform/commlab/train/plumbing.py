@@ -36,6 +36,6 @@ def absolute_data_path(path: str) -> str:
 def finish(ref: Any, status: str, error: str | None = None) -> None:
     """End the run's MLflow run (`ref`: a RunRef, or None without tracking)."""
     if ref is not None:
-        from commlab.tracking import finish_run
+        from commlab.tracking import finish_run  # lazy: mlflow only for runs that track
 
         finish_run(ref, status, error)

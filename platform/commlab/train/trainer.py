@@ -13,18 +13,25 @@ named run from its last checkpoint and reopens its MLflow run.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import ray
+import ray.train
 from pydantic import BaseModel, ConfigDict, Field
+from ray.train.torch import TorchTrainer
 from rich.console import Console
 
+from commlab.checkpoint_format import CHECKPOINT_NAME, CorruptCheckpointError, is_readable
 from commlab.cluster import connect, resolve_address
 from commlab.config import ExperimentConfig, flatten
 from commlab.tags import RAY_RUN_DIR_TAG
+from commlab.tracking.runs import open_pretrain_run
 from commlab.train.loop import NonFiniteLossError
 from commlab.train.plumbing import absolute_data_path, finish, fresh_name, storage_root
+from commlab.train.worker import train_loop_per_worker
 
 CONTROLLER_FAILURE_LIMIT = 5
 
@@ -117,11 +124,6 @@ def build_trainer(
     test-only fault injections (see commlab.train.worker); `callbacks` are Ray Train
     `UserCallback`s (a sweep trial passes Tune's `TuneReportCallback`).
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from commlab.train.worker import train_loop_per_worker
-
     resources = {"CPU": settings.cpus_per_worker}
     if settings.gpus_per_worker > 0:
         resources["GPU"] = settings.gpus_per_worker
@@ -170,8 +172,6 @@ def pretrain_ray(
 ) -> RayPretrainResult:
     """Pretrain on Ray Train; raises `NonFiniteRunError` / `PretrainFailedError` on failure
     (the MLflow run is then FAILED and the last good checkpoint kept)."""
-    import ray.train
-
     settings = settings or RayTrainSettings()
     console = console or Console()
     storage = storage_root(settings.storage_path or cfg.train.out_dir)
@@ -183,8 +183,6 @@ def pretrain_ray(
     ref = None
     try:
         if settings.tracking:
-            from commlab.tracking.runs import open_pretrain_run
-
             ref = open_pretrain_run(
                 settings.tracking_uri,
                 settings.experiment or cfg.name,
@@ -228,8 +226,6 @@ def pretrain_ray(
         return RayPretrainResult(run_dir, checkpoint, dict(result.metrics or {}), _id(ref))
     finally:
         if started:
-            import ray
-
             ray.shutdown()
 
 
@@ -242,10 +238,6 @@ def fall_back_to_intact_checkpoint(run_dir: str, console: Console) -> None:
     latest checkpoint's directory and the damaged file is kept beside them as
     `checkpoint.pt.corrupt`. The state carries its own epoch: training continues from there.
     """
-    import shutil
-
-    from commlab.checkpoint_format import CHECKPOINT_NAME, CorruptCheckpointError, is_readable
-
     dirs = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
     if not dirs or is_readable(dirs[-1] / CHECKPOINT_NAME):
         return
@@ -274,8 +266,6 @@ def _id(ref: Any) -> str | None:
 
 def _last_checkpoint(run_dir: str) -> str | None:
     try:
-        import ray.train
-
         ckpt = ray.train.Result.from_path(run_dir).checkpoint
     except Exception:  # nothing was ever reported, or remote storage we cannot list
         return None

@@ -43,6 +43,7 @@ from commlab.data import DataBundle, build_data
 from commlab.models.norm import sync_batchnorm
 from commlab.objectives import LossOutput
 from commlab.tags import ATTEMPTS_TAG, RESUMED_FROM_EPOCH_TAG, WORKERS_TAG
+from commlab.tracking import RunLogger
 from commlab.train.checkpoint import rng_state, set_rng_state
 from commlab.train.epoch_end import checkpoint_payload, format_progress
 from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext
@@ -109,7 +110,7 @@ class _NanAtStep(nn.Module):
 # ---------------------------------------------------------------- building blocks
 def worker_device(cfg: ExperimentConfig) -> torch.device:
     if cfg.train.device != "cpu" and torch.cuda.is_available():
-        import ray.train.torch
+        import ray.train.torch  # lazy: local runs (`--workers 0`, sweep trials) never load Ray
 
         return ray.train.torch.get_device()
     if cfg.train.device == "cuda":
@@ -170,7 +171,7 @@ def _kill_if_planned(plan: dict[str, Any] | None, epoch: int, rank: int) -> None
     marker = Path(plan["marker"])
     if marker.exists():
         return
-    import ray.train
+    import ray.train  # lazy: this module also serves runs without Ray
 
     # Make "resumed from the last checkpoint" deterministic: wait until Ray has committed it.
     ray.train.get_all_reported_checkpoints(
@@ -208,8 +209,6 @@ def run_training(
 
     logger = None
     if ctx.rank == 0 and run_ref is not None:
-        from commlab.tracking import RunLogger
-
         logger = RunLogger(run_ref)
         attempt = int(logger.client.get_run(logger.ref.run_id).data.tags.get(ATTEMPTS_TAG, 0))
         logger.set_tags({ATTEMPTS_TAG: attempt + 1, WORKERS_TAG: ctx.world_size})
@@ -267,7 +266,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     Returns (rank 0's value becomes `Result.return_value`) {"status": "finished" |
     "nonfinite", "epoch": next epoch to run, "error": message or None}.
     """
-    import ray.train
+    import ray.train  # lazy: this module also serves runs without Ray
 
     cfg = ExperimentConfig.model_validate(config["cfg"])
     hooks = config.get("hooks") or {}
