@@ -182,19 +182,23 @@ def sweep(
 ) -> None:
     """Sweep CoMM pretraining with Ray Tune (Optuna TPE + ASHA); one MLflow parent run per
     sweep, one child run per trial, at $MLFLOW_TRACKING_URI (default sqlite:///<cwd>/mlflow.db)."""
-    # lazy: the sweep driver imports Ray Tune, MLflow and torch (search spaces import the
-    # methods), which `import commlab.cli` must not load
-    from commlab.sweep.run import SweepFailedError, run_sweep, sweep_plan
-    from commlab.sweep.space import SearchSpaceError
+    # lazy: search spaces import the methods (torch) and the sweep driver Ray Tune and MLflow,
+    # which `import commlab.cli` must not load; `--check` needs only the first
+    from commlab.sweep.space import SearchSpaceError, sweep_plan
+
+    if check:
+        try:
+            plan = sweep_plan(space)
+        except (SearchSpaceError, ValueError, FileNotFoundError) as err:
+            raise _fail(str(err)) from None
+        console.print(
+            f"[green]✓[/] {space}: {plan.spec.num_samples} trials over "
+            f"{', '.join(plan.spec.params) or 'no parameters'}; metric {plan.spec.metric} ({plan.spec.mode})"
+        )
+        return
+    from commlab.sweep.run import SweepFailedError, run_sweep
 
     try:
-        if check:
-            plan = sweep_plan(space)
-            console.print(
-                f"[green]✓[/] {space}: {plan.spec.num_samples} trials over "
-                f"{', '.join(plan.spec.params) or 'no parameters'}; metric {plan.spec.metric} ({plan.spec.mode})"
-            )
-            return
         run_sweep(
             space, name=name, resume=resume, storage=storage, address=address, console=console
         )

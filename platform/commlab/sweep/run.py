@@ -34,10 +34,9 @@ from rich.console import Console
 
 from commlab.cluster import _cwd, check_reachable, connect, resolve_address, working_dir_lost
 from commlab.config import flatten, to_yaml
-from commlab.data import build_data
 from commlab.sweep.callbacks import CloseChildRuns, FinishingASHA, ProgressView
 from commlab.sweep.report import finish_parent
-from commlab.sweep.space import LoadedSpace, Param, check_metric, load_space
+from commlab.sweep.space import LoadedSpace, Param, check_metric, dataset_tasks, load_space
 from commlab.sweep.trial import make_trainable, reuses_trial_processes
 from commlab.tags import (
     KIND_TAG,
@@ -103,13 +102,6 @@ def tune_space(space: LoadedSpace) -> dict[str, Any]:
         return tune.grid_search(list(p.values or []))
 
     return {name: one(p) for name, p in space.spec.params.items()}
-
-
-def dataset_tasks(space: LoadedSpace) -> dict[str, str]:
-    """Task kinds of the sweep's dataset (built once here; cached on disk for the trials)."""
-    d = space.base.data
-    bundle = build_data(d.name, str(Path(d.path).resolve()), space.base.seed, d.params)
-    return {k: t.kind for k, t in bundle.probe.tasks.items()}
 
 
 def required_cpus(space: LoadedSpace) -> float:
@@ -588,10 +580,3 @@ def _best_value(best: Any, metric: str, mode: str) -> float | None:
         # a trial resumed after a driver crash can come back without its metric history
         return float(best.metrics[metric])
     return None
-
-
-def sweep_plan(path: str | Path) -> LoadedSpace:
-    """Validate a search space without running it (used by `commlab sweep --check`)."""
-    space = load_space(path)
-    check_metric(space, dataset_tasks(space))
-    return space

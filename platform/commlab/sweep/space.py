@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from commlab.config import ConfigError, ExperimentConfig, apply_overrides, validate_config
+from commlab.data import build_data
 from commlab.models import METHODS  # also registers each method's `loss:` options
 
 
@@ -267,3 +268,18 @@ def check_metric(space: LoadedSpace, tasks: dict[str, str]) -> None:
         space.path,
         f"metric: training does not produce '{metric}'{hint}; it produces: {', '.join(sorted(valid))}",
     )
+
+
+def dataset_tasks(space: LoadedSpace) -> dict[str, str]:
+    """Task kinds of the sweep's dataset (built once here; cached on disk for the trials)."""
+    d = space.base.data
+    bundle = build_data(d.name, str(Path(d.path).resolve()), space.base.seed, d.params)
+    return {k: t.kind for k, t in bundle.probe.tasks.items()}
+
+
+def sweep_plan(path: str | Path) -> LoadedSpace:
+    """Validate a search space without running it (`commlab sweep --check`): the file, its
+    base config, every parameter's extremes and the metric against the dataset's tasks."""
+    space = load_space(path)
+    check_metric(space, dataset_tasks(space))
+    return space
