@@ -137,8 +137,11 @@ def auto_settings(
 ) -> tuple[str, str, dict[str, Any]]:
     """(precision, fusion, notes) as PretrainRun resolves `auto` for this model and batch."""
     device = torch.device("cpu")
-    precision, why = resolve_precision("auto", device)
     probe = build_method(cfg, shapes)
+    if cfg.train.channels_last and has_conv(probe):
+        probe.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    auto = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": "auto"})})
+    precision, why = resolve_precision(probe, auto, device, *views)
     options = probe.fusion_options(*views)
 
     def timed(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:

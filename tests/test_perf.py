@@ -36,41 +36,50 @@ def test_timed_choice_measures_once_then_decides_from_the_cache(tmp_path):
     assert again == "b" and cached == entry
 
 
+class _Toy(nn.Module):
+    """A method-like module: `loss(a, b)` returns an object with `.loss`; BatchNorm inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 4, bias=False)
+        self.bn = nn.BatchNorm1d(4)
+
+    def loss(self, a, b):
+        class Out:
+            loss = self.bn(self.lin(a)).square().mean() + self.lin(b).sum()
+
+        return Out
+
+
 @pytest.mark.parametrize(
     ("bf16_s", "expected"), [(0.2, "bf16-mixed"), (0.95, "fp32"), (3.0, "fp32")]
 )
 def test_auto_precision_is_a_function_of_the_cached_measurement(tmp_path, bf16_s, expected):
     path = tmp_path / "perf.json"
-    key = f"precision|{perf.device_key('cpu')}"
+    key = f"precision|{perf.device_key('cpu')}|toy"
     path.write_text(json.dumps({key: {"seconds": {"fp32": 1.0, "bf16-mixed": bf16_s}}}))
+    m, a = _Toy(), torch.randn(16, 8)
     for _ in range(3):
-        choice, entry = perf.choose_precision(torch.device("cpu"), path=path)
+        choice, entry = perf.choose_step_precision(m, a, a, torch.device("cpu"), "toy", path=path)
         assert choice == expected and entry["seconds"]["bf16-mixed"] == bf16_s
+    # another model (signature) on the same device is measured on its own
+    other, _ = perf.choose_step_precision(m, a, a, torch.device("cpu"), "other", path=path)
+    assert set(json.loads(path.read_text())) == {key, f"precision|{perf.device_key('cpu')}|other"}
 
 
-def test_auto_precision_measures_both_when_nothing_is_cached(tmp_path):
+def test_auto_precision_times_the_models_own_step_on_a_copy(tmp_path):
     path = tmp_path / "perf.json"
-    choice, entry = perf.choose_precision(torch.device("cpu"), path=path)
+    m, a = _Toy(), torch.randn(16, 8)
+    choice, entry = perf.choose_step_precision(m, a, a, torch.device("cpu"), "toy", path=path)
     assert choice in perf.PRECISIONS
     assert set(entry["seconds"]) == {"fp32", "bf16-mixed"}
     assert all(v > 0 for v in entry["seconds"].values())
-    assert perf.choose_precision(torch.device("cpu"), path=path)[0] == choice
+    assert m.lin.weight.grad is None and int(m.bn.num_batches_tracked) == 0  # untouched
+    assert perf.choose_step_precision(m, a, a, torch.device("cpu"), "toy", path=path)[0] == choice
 
 
 def test_step_flops_counts_forward_and_backward_and_leaves_the_model_alone():
-    class Toy(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(8, 4, bias=False)
-            self.bn = nn.BatchNorm1d(4)
-
-        def loss(self, a, b):
-            class Out:
-                loss = self.bn(self.lin(a)).square().mean() + self.lin(b).sum()
-
-            return Out
-
-    m = Toy()
+    m = _Toy()
     a, b = torch.randn(16, 8), torch.randn(16, 8)
     flops = perf.step_flops(m, a, b)
     # two (16x8)@(8x4) products forward; backward: grad of weight for both, grad of input

@@ -210,17 +210,32 @@ def test_bf16_mixed_gives_the_fp32_loss_on_a_fixed_batch(perf_cache):
 
 
 @pytest.mark.parametrize(("bf16_s", "expected"), [(0.1, "bf16-mixed"), (2.0, "fp32")])
-def test_auto_precision_follows_the_cached_measurement(perf_cache, bf16_s, expected):
-    from commlab.perf import device_key
-
-    key = f"precision|{device_key('cpu')}"
-    perf_cache.write_text(json.dumps({key: {"seconds": {"fp32": 1.0, "bf16-mixed": bf16_s}}}))
-    cfg = toy_config("comm", ("train.precision=auto", "train.fusion=packed"))
+def test_auto_precision_is_timed_on_the_first_batch_then_follows_the_cache(
+    perf_cache, bf16_s, expected
+):
+    over = ("train.epochs=1", "train.probe_every=0", "train.max_steps_per_epoch=2")
+    cfg = toy_config("comm", (*over, "train.precision=auto", "train.fusion=packed"))
+    first = PretrainRun(cfg, data=_bundle())
+    first.run_epoch(0)  # measures this model's step in both precisions, once
+    keys = [k for k in json.loads(perf_cache.read_text()) if k.startswith("precision|")]
+    assert len(keys) == 1 and "|comm|model=" in keys[0]
+    assert first.precision in ("fp32", "bf16-mixed")
+    assert "auto: this model's step on this device" in first.settings_note
+    # a cached entry decides: the next runs of this model follow it without measuring
+    data = json.loads(perf_cache.read_text())
+    data[keys[0]]["seconds"] = {"fp32": 1.0, "bf16-mixed": bf16_s}
+    perf_cache.write_text(json.dumps(data))
     runs = [PretrainRun(cfg, data=_bundle()) for _ in range(2)]
+    for r in runs:
+        r.run_epoch(0)
     assert [r.precision for r in runs] == [expected, expected]
-    assert "auto: cached measurement" in runs[0].settings_note
     _, dtypes = _fixed_batch_loss(runs[0])
     assert dtypes == [torch.bfloat16 if expected == "bf16-mixed" else torch.float32]
+    # and another model (here: a wider projection head) is measured on its own
+    wider = toy_config("comm", (*over, "train.precision=auto", "model.head.hidden_dim=48"))
+    PretrainRun(wider, data=_bundle()).run_epoch(0)
+    keys = [k for k in json.loads(perf_cache.read_text()) if k.startswith("precision|")]
+    assert len(keys) == 2
 
 
 def test_auto_fusion_measures_once_and_both_paths_train_alike(perf_cache):

@@ -6,9 +6,9 @@ features on rank 0 and broadcasts the metrics so no rank waits on a collective t
 `fit` drives epochs and calls `on_epoch_end(epoch, metrics, run)` where the caller reports,
 checkpoints and logs. It imports neither Ray nor MLflow.
 
-Speed settings are resolved once per run (`train.precision`, `train.fusion` `auto`: a cached
-per-device measurement, see commlab.perf; rank 0 decides and broadcasts so every worker computes
-the same way) and change the numbers only within floating-point rounding. `perf/mfu` follows
+Speed settings are resolved once per run, on its first batch (`train.precision`, `train.fusion`
+`auto`: a cached measurement of this model's own step on this device, see commlab.perf; rank 0
+decides and broadcasts so every worker computes the same way) and change the numbers only within floating-point rounding. `perf/mfu` follows
 commlab.perf's one definition: the step time here includes batching and augmentation, and the
 peak is the compute dtype's matmul peak, re-measured after every epoch.
 """
@@ -16,6 +16,7 @@ peak is the compute dtype's matmul peak, re-measured after every epoch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import random
 import time
@@ -36,7 +37,7 @@ from commlab.models import Method, build_method
 from commlab.perf import (
     COMPUTE_DTYPE,
     autocast,
-    choose_precision,
+    choose_step_precision,
     device_key,
     matmul_peak_flops,
     mfu,
@@ -77,16 +78,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_precision(name: str, device: torch.device) -> tuple[str, str]:
-    """(`fp32` | `bf16-mixed`, why): `auto` asks the cached per-device measurement."""
-    if name != "auto":
-        return name, "configured"
-    choice, entry = choose_precision(device)
+def model_signature(cfg: ExperimentConfig, batch: Any) -> str:
+    """What a training step's speed depends on besides the device: the model's architecture
+    (its config section), the memory format and the batch's shapes."""
+    digest = hashlib.sha1(cfg.model.model_dump_json().encode()).hexdigest()[:12]
+    shapes = ",".join(str(tuple(x.shape)) for x in batch.xs)
+    return f"{cfg.model.method}|model={digest}|channels_last={cfg.train.channels_last}|{shapes}"
+
+
+def resolve_precision(
+    method: nn.Module, cfg: ExperimentConfig, device: torch.device, view_a: Any, view_b: Any
+) -> tuple[str, str]:
+    """(`fp32` | `bf16-mixed`, why): as configured, or (`auto`) whichever runs this model's
+    step faster on this device, measured once and cached (`commlab.perf`)."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision, "configured"
+    signature = model_signature(cfg, view_a)
+    choice, entry = choose_step_precision(method, view_a, view_b, device, signature)
     secs = entry.get("seconds") or {}
     if not secs:
         return choice, f"auto: {entry.get('reason', '')}"
     timing = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(secs.items()))
-    return choice, f"auto: cached measurement on this device ({timing})"
+    return choice, f"auto: this model's step on this device ({timing})"
 
 
 def has_conv(module: nn.Module) -> bool:
@@ -163,10 +176,9 @@ class PretrainRun:
             torch.manual_seed(rank_seed(cfg.seed, self.ctx.rank))
         self.augment = build_augmenter(cfg.augment, self.kinds)
         self.optimizer = make_optimizer(param_groups(self.method, cfg.optim.weight_decay), cfg)
-        self.precision, why = self._agreed(
-            lambda: resolve_precision(cfg.train.precision, self.ctx.device)
-        )
-        self.settings_note = f"precision {self.precision} ({why})"
+        # `auto` is decided on the first batch (`_first_step`); nothing runs before it
+        self.precision = "fp32" if cfg.train.precision == "auto" else cfg.train.precision
+        self.settings_note = f"precision {self.precision} (configured)"
         self.compiled = False
         self.train_ids = ds.split("train")
         per_rank = d.batch_size // self.ctx.world_size
@@ -233,8 +245,14 @@ class PretrainRun:
 
     def _first_step(self, va: Any, vb: Any) -> None:
         """Once per run, on the first batch: count the step's FLOPs (eager, on a copy), pick the
-        fusion path, then compile if asked (after the FLOP count, which copies the model)."""
+        precision and the fusion path, then compile if asked (after the FLOP count, which
+        copies the model)."""
         self.flops_per_step = step_flops(self.method, va, vb)
+        if self.cfg.train.precision == "auto":
+            self.precision, why = self._agreed(
+                lambda: resolve_precision(self.method, self.cfg, self.ctx.device, va, vb)
+            )
+            self.settings_note = f"precision {self.precision} ({why})"
         options = self.method.fusion_options(va, vb)
         if options:
             path = self.cfg.train.fusion
