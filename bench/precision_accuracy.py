@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from statistics import mean
+from statistics import mean, stdev
 
 CONFIG = "configs/trifeatures/smoke.yaml"
 PRECISIONS = ("fp32", "bf16-mixed")
@@ -87,12 +87,18 @@ def main() -> None:
     by = {p: [r for r in runs if r["precision"] == p] for p in PRECISIONS}
     tasks = sorted(by["fp32"][0]["probes"])
     table = {}
-    print(f"\n{'task':<10} {'fp32':>7} {'bf16':>7} {'diff':>7}")
+    # seed-to-seed spread, to judge a difference by: the fp32 runs' standard deviation and the
+    # standard error of the paired (same seed) bf16 - fp32 differences
+    print(f"\n{'task':<10} {'fp32':>7} {'bf16':>7} {'diff':>7} {'fp32 sd':>8} {'diff se':>8}")
     for task in tasks:
-        a = mean(r["probes"][task] for r in by["fp32"])
-        b = mean(r["probes"][task] for r in by["bf16-mixed"])
-        table[task] = {"fp32": a, "bf16-mixed": b, "diff": b - a}
-        print(f"{task:<10} {a:7.3f} {b:7.3f} {b - a:+7.3f}")
+        fp32 = {r["seed"]: r["probes"][task] for r in by["fp32"]}
+        bf16 = {r["seed"]: r["probes"][task] for r in by["bf16-mixed"]}
+        a, b = mean(fp32.values()), mean(bf16.values())
+        paired = [bf16[s] - fp32[s] for s in fp32 if s in bf16]
+        sd = stdev(fp32.values()) if len(fp32) > 1 else float("nan")
+        se = stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else float("nan")
+        table[task] = {"fp32": a, "bf16-mixed": b, "diff": b - a, "fp32_sd": sd, "diff_se": se}
+        print(f"{task:<10} {a:7.3f} {b:7.3f} {b - a:+7.3f} {sd:8.3f} {se:8.3f}")
     worst = max(abs(v["diff"]) for v in table.values())
     met = worst <= TOLERANCE
     print(
