@@ -119,6 +119,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         res["uneven"] = {"gathered": gathered.detach(), "grad": x.grad, "weights": weights}
         res["no_grad"] = dist.gather_no_grad(x)
         res["mean"] = dist.all_reduce_mean(torch.tensor([float(rank)]))
+        mine = torch.tensor([float(rank + 1)])
+        later = dist.all_reduce_sum_later(mine)
+        res["later_meanwhile"] = dist.all_reduce_mean(torch.tensor([10.0 * rank]))  # in order
+        res["later"] = later()
+        res["later_input"] = mine.clone()
         res["broadcast"] = dist.broadcast_object({"from": rank}, src=0)
         res["rank_zero"] = dist.rank_zero_only(lambda: "ran")()
         dist.barrier()
@@ -163,6 +168,11 @@ def test_process_group_basics(results: list[dict[str, Any]]) -> None:
     assert [r["rank"] for r in results] == [0, 1]
     assert all(r["world"] == WORLD and r["is_dist"] for r in results)
     assert all(r["mean"].item() == 0.5 for r in results)
+    # a started sum completes after a later collective, and leaves its input alone
+    assert all(r["later"].item() == 3.0 for r in results)  # 1 + 2
+    assert all(r["later_meanwhile"].item() == 5.0 for r in results)
+    assert [r["later_input"].item() for r in results] == [1.0, 2.0]
+    assert dist.all_reduce_sum_later(torch.tensor([4.0]))().item() == 4.0  # no process group
     assert all(r["broadcast"] == {"from": 0} for r in results)
     assert [r["rank_zero"] for r in results] == ["ran", None]
     assert not dist.is_dist() and dist.get_rank() == 0 and dist.get_world_size() == 1

@@ -114,6 +114,23 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     return out / get_world_size()
 
 
+def all_reduce_sum_later(t: Tensor) -> Callable[[], Tensor]:
+    """Start summing `t` over ranks and return a call that waits for the sum (a new tensor),
+    so the caller computes meanwhile instead of waiting at the collective. Every rank must
+    start it at the same point of its sequence of collectives. Identity when not distributed."""
+    if not is_dist():
+        return lambda: t
+    out = t.detach().clone()
+    work = tdist.all_reduce(out, op=tdist.ReduceOp.SUM, async_op=True)
+
+    def result() -> Tensor:
+        if work is not None:
+            work.wait()
+        return out
+
+    return result
+
+
 def broadcast_object(obj: R, src: int = 0) -> R:
     """Rank `src`'s picklable `obj` on every rank. Identity when not distributed."""
     if not is_dist():

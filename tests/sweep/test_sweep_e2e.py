@@ -110,6 +110,12 @@ def test_smoke_sweep_end_to_end(tmp_path, env):
     stopped = [k for k in kids if iterations[k.data.tags["ray.trial_id"]] < 3]
     assert stopped and all(k.info.status == "FINISHED" for k in stopped)
     assert all(k.data.tags.get("commlab.stopped_early") == "true" for k in stopped)
+    # and they carry the checkpoint of their last report, so `commlab promote` can pick them
+    for k in stopped:
+        logged = {
+            a.path for a in MlflowClient(env["uri"]).list_artifacts(k.info.run_id, "checkpoint")
+        }
+        assert logged == {"checkpoint/checkpoint.pt"}, (k.info.run_name, logged)
     assert all(k.info.run_name == f"trial-{k.data.tags['ray.trial_id']}" for k in kids)
     # in-process trials start in the process of a trial that ended (Tune's reuse_actors)
     processes = {k.data.tags["commlab.process"] for k in kids}

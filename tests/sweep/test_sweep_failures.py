@@ -228,3 +228,38 @@ def test_a_trial_lost_with_its_driver_is_closed_at_the_end_of_the_resumed_sweep(
     assert run.info.status == "KILLED"
     assert run.data.tags["commlab.lost_trial"] == "true"
     assert "--resume ran its slot as a new trial" in run.data.tags["commlab.error"]
+
+
+def test_a_stopped_trial_gets_the_checkpoint_of_its_last_report(space, sqlite_uri, tmp_path):
+    """ASHA's stop ends a trial before its final logging (which logs its checkpoint): the
+    driver logs the last reported checkpoint, so the trial can be promoted."""
+    from commlab.sweep.callbacks import CloseChildRuns
+
+    parent, _ = _open_parent(space, "fail", "/sweeps/fail", sqlite_uri)
+    child = _child(parent, "t0", "RUNNING")
+    ckpt = tmp_path / "train-trial_id=t0" / "checkpoint_000001"
+    ckpt.mkdir(parents=True)
+    (ckpt / "checkpoint.pt").write_bytes(b"epoch 2 state")
+
+    class Trial:
+        trial_id = "t0"
+        last_result = {"epoch": 1.0, "training_iteration": 2, "checkpoint_path": str(ckpt)}
+
+    close = CloseChildRuns(parent, max_epochs=4)
+    close.SETTLE_S = 0.0
+    close.on_trial_complete(2, [], Trial())
+    client = MlflowClient(sqlite_uri)
+    assert [a.path for a in client.list_artifacts(child, "checkpoint")] == [
+        "checkpoint/checkpoint.pt"
+    ]
+    local = client.download_artifacts(child, "checkpoint/checkpoint.pt", str(tmp_path / "dl"))
+    assert Path(local).read_bytes() == b"epoch 2 state"
+    # a trial that ran all its epochs logs its own final checkpoint: the driver adds none
+    full = _child(parent, "t1", "RUNNING")
+
+    class Done:
+        trial_id = "t1"
+        last_result = {"epoch": 3.0, "training_iteration": 4, "checkpoint_path": str(ckpt)}
+
+    close.on_trial_complete(4, [], Done())
+    assert client.list_artifacts(full, "checkpoint") == []

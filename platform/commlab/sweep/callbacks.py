@@ -12,6 +12,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from rich.console import Console
 from rich.markup import escape
 
+from commlab.checkpoint_format import CHECKPOINT_NAME
 from commlab.tags import LOST_TAG, PARENT_TAG, STOPPED_EARLY_TAG, TRIAL_TAG
 from commlab.tracking import finish_run
 from commlab.tracking.runs import RunLogger, RunRef, set_tags
@@ -41,7 +42,8 @@ class CloseChildRuns(Callback):
     the worker never closes its MLflow run; an errored trial may not either. Close them here:
     stopped early -> FINISHED with the tag `commlab.stopped_early=true` (an early stop is the
     scheduler working, not a failure: Tune's own MLflowLoggerCallback also ends such trials
-    FINISHED), error -> FAILED. A run already terminal keeps its status."""
+    FINISHED) and the checkpoint of its last report as its `checkpoint` artifact, error ->
+    FAILED. A run already terminal keeps its status."""
 
     # How long to let a stopped trial's rank 0 finish logging the epoch it just reported
     # before the driver logs what is still missing (it logs each epoch *after* reporting it).
@@ -76,7 +78,26 @@ class CloseChildRuns(Callback):
         for epoch in sorted(set(seen) - logger.logged_epochs):
             logger.log_epoch(epoch, seen[epoch])
 
-    def _close(self, trial: Any, status: str, tags: dict[str, str] | None = None) -> None:
+    def _log_last_checkpoint(self, trial: Any, run_id: str) -> None:
+        """A trial ASHA stopped never reaches its final logging, which puts its checkpoint in
+        MLflow: log the checkpoint of its last report instead (from local or shared storage;
+        a remote URI is left alone), so that `commlab promote` can promote it."""
+        path = (trial.last_result or {}).get("checkpoint_path")
+        if not path or "://" in str(path):
+            return
+        file = Path(path) / CHECKPOINT_NAME
+        ref = RunRef(self.parent.tracking_uri, self.parent.experiment_id, run_id)
+        logger = RunLogger(ref)
+        if file.is_file() and not logger.client.list_artifacts(run_id, "checkpoint"):
+            logger.log_artifact(file, "checkpoint")
+
+    def _close(
+        self,
+        trial: Any,
+        status: str,
+        tags: dict[str, str] | None = None,
+        last_checkpoint: bool = False,
+    ) -> None:
         client = self.parent.client()
         runs = client.search_runs(
             [self.parent.experiment_id],
@@ -88,6 +109,8 @@ class CloseChildRuns(Callback):
         for run in runs:
             ref = RunRef(self.parent.tracking_uri, self.parent.experiment_id, run.info.run_id)
             self._backfill(trial, run.info.run_id)
+            if last_checkpoint:
+                self._log_last_checkpoint(trial, run.info.run_id)
             if tags:
                 set_tags(client, run.info.run_id, tags)
             finish_run(ref, status)
@@ -122,7 +145,7 @@ class CloseChildRuns(Callback):
         if epochs >= self.max_epochs:
             self._close(trial, "FINISHED")
         else:
-            self._close(trial, "FINISHED", {STOPPED_EARLY_TAG: "true"})
+            self._close(trial, "FINISHED", {STOPPED_EARLY_TAG: "true"}, last_checkpoint=True)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._close(trial, "FAILED")

@@ -310,9 +310,14 @@ class PretrainRun:
                 self._first_step(va, vb)
             with self._autocast():
                 out = self.model(va, vb, gather=gather)
-            self._check_finite(out, step)
+            # every rank learns whether any rank's loss is non-finite, without waiting for it
+            # before the backward pass: the answer is needed only before the optimiser step
+            bad_anywhere = dist.all_reduce_sum_later(
+                torch.tensor([0.0 if torch.isfinite(out.loss.detach()) else 1.0])
+            )
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            self._check_finite(out, step, float(bad_anywhere()) > 0)
             if cfg.optim.grad_clip > 0:
                 nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.grad_clip)
             self.optimizer.step()
@@ -335,11 +340,10 @@ class PretrainRun:
             metrics["perf/mfu"] = mfu(self.flops_per_step, elapsed / n, peak)
         return metrics
 
-    def _check_finite(self, out: Any, step: int) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(out.loss.detach()) else 1.0])
-        if self.ctx.world_size > 1:
-            bad = dist.all_reduce_mean(bad)
-        if float(bad) == 0.0:
+    def _check_finite(self, out: Any, step: int, bad_anywhere: bool) -> None:
+        """Raise on every rank together when any rank's loss was non-finite (before the
+        optimiser step: the weights stay those of the last finite step)."""
+        if not bad_anywhere:
             return
         terms = [k for k, v in out.terms.items() if not math.isfinite(float(v))]
         which = ", ".join(terms) if terms else "loss"
