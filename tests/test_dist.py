@@ -6,17 +6,11 @@ them against single-process runs on the concatenated global batch.
 
 from __future__ import annotations
 
-import socket
-import traceback
 from collections.abc import Callable
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -29,6 +23,7 @@ from commlab.objectives import (
     comm_loss,
     cross_self_loss,
 )
+from tests.gloo import run_on_workers
 
 WORLD = 2
 B = 3  # per-rank batch
@@ -79,89 +74,52 @@ def _rows(x: Tensor, rank: int) -> Tensor:
     return x[rank * B : (rank + 1) * B]
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        tdist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=TIMEOUT_S),
-        )
-        res: dict[str, Any] = {"rank": dist.get_rank(), "world": dist.get_world_size()}
-        res["is_dist"] = dist.is_dist()
+def _checks(rank: int) -> dict[str, Any]:
+    """Every distributed check on one rank (under tests.gloo.run_on_workers)."""
+    res: dict[str, Any] = {"rank": dist.get_rank(), "world": dist.get_world_size()}
+    res["is_dist"] = dist.is_dist()
 
-        for name, (fn, n) in CASES.items():
-            local = [_rows(x, rank).clone().requires_grad_() for x in _global_inputs(n, D, 0)]
-            out = fn(local, True)
-            out.loss.backward()
-            res[name] = {
-                "loss": out.loss.detach(),
-                "terms": out.terms,
-                "acc": out.acc,
-                "grads": [x.grad for x in local],
-            }
-            enc = _encoder()
-            ddp = DistributedDataParallel(enc)
-            raws = [_rows(x, rank) for x in _global_inputs(n, D_IN, 1)]
-            fn(_encode(ddp, raws), True).loss.backward()
-            res[name]["ddp_grads"] = [p.grad.clone() for p in enc.parameters()]
+    for name, (fn, n) in CASES.items():
+        local = [_rows(x, rank).clone().requires_grad_() for x in _global_inputs(n, D, 0)]
+        out = fn(local, True)
+        out.loss.backward()
+        res[name] = {
+            "loss": out.loss.detach(),
+            "terms": out.terms,
+            "acc": out.acc,
+            "grads": [x.grad for x in local],
+        }
+        enc = _encoder()
+        ddp = DistributedDataParallel(enc)
+        raws = [_rows(x, rank) for x in _global_inputs(n, D_IN, 1)]
+        fn(_encode(ddp, raws), True).loss.backward()
+        res[name]["ddp_grads"] = [p.grad.clone() for p in enc.parameters()]
 
-        z1, z2 = (_rows(x, rank) for x in _global_inputs(2, D, 2))
-        res["clip_loss"] = clip_loss(z1, z2, LogitScale()(), gather=True).loss.detach()
+    z1, z2 = (_rows(x, rank) for x in _global_inputs(2, D, 2))
+    res["clip_loss"] = clip_loss(z1, z2, LogitScale()(), gather=True).loss.detach()
 
-        # unequal per-rank sizes: rank r holds r + 2 rows
-        x = torch.full((rank + 2, 2), float(rank), dtype=torch.float64, requires_grad=True)
-        gathered = dist.gather_with_grad(x)
-        weights = torch.arange(gathered.numel(), dtype=torch.float64).reshape(gathered.shape)
-        (gathered * weights).sum().backward()
-        res["uneven"] = {"gathered": gathered.detach(), "grad": x.grad, "weights": weights}
-        res["no_grad"] = dist.gather_no_grad(x)
-        res["mean"] = dist.all_reduce_mean(torch.tensor([float(rank)]))
-        mine = torch.tensor([float(rank + 1)])
-        later = dist.all_reduce_sum_later(mine)
-        res["later_meanwhile"] = dist.all_reduce_mean(torch.tensor([10.0 * rank]))  # in order
-        res["later"] = later()
-        res["later_input"] = mine.clone()
-        res["broadcast"] = dist.broadcast_object({"from": rank}, src=0)
-        res["rank_zero"] = dist.rank_zero_only(lambda: "ran")()
-        dist.barrier()
-        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
-    except Exception:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    # unequal per-rank sizes: rank r holds r + 2 rows
+    x = torch.full((rank + 2, 2), float(rank), dtype=torch.float64, requires_grad=True)
+    gathered = dist.gather_with_grad(x)
+    weights = torch.arange(gathered.numel(), dtype=torch.float64).reshape(gathered.shape)
+    (gathered * weights).sum().backward()
+    res["uneven"] = {"gathered": gathered.detach(), "grad": x.grad, "weights": weights}
+    res["no_grad"] = dist.gather_no_grad(x)
+    res["mean"] = dist.all_reduce_mean(torch.tensor([float(rank)]))
+    mine = torch.tensor([float(rank + 1)])
+    later = dist.all_reduce_sum_later(mine)
+    res["later_meanwhile"] = dist.all_reduce_mean(torch.tensor([10.0 * rank]))  # in order
+    res["later"] = later()
+    res["later_input"] = mine.clone()
+    res["broadcast"] = dist.broadcast_object({"from": rank}, src=0)
+    res["rank_zero"] = dist.rank_zero_only(lambda: "ran")()
+    dist.barrier()
+    return res
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out_dir = tmp_path_factory.mktemp("dist")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out_dir))) for r in range(WORLD)]
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(TIMEOUT_S)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    errors = "\n".join(f.read_text() for f in sorted(out_dir.glob("*.err")))
-    assert not errors, errors
-    assert [p.exitcode for p in procs] == [0] * WORLD, "a worker hung or died"
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_on_workers(_checks, tmp_path_factory.mktemp("dist"), WORLD, TIMEOUT_S)
 
 
 def test_process_group_basics(results: list[dict[str, Any]]) -> None:

@@ -7,17 +7,13 @@ SigLIP contrasts exactly two modalities, so there is no n_modalities axis here.
 from __future__ import annotations
 
 import math
-import socket
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
 
 from commlab.objectives import SigmoidScaleBias, siglip_loss
+from tests.gloo import run_on_workers
 from tests.objectives.reference import dot, normalise
 
 
@@ -126,55 +122,27 @@ def _global_pair() -> tuple[torch.Tensor, torch.Tensor]:
     return _pair(WORLD * B, D, seed=7)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        tdist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=WORLD,
-            timeout=timedelta(seconds=60),
-        )
-        x, y = (t[rank * B : (rank + 1) * B].clone().requires_grad_() for t in _global_pair())
-        scale, bias = _leaf(math.log(10.0)), _leaf(-10.0)
-        out = siglip_loss(x, y, scale, bias, gather=True)
-        out.loss.backward()
-        res = {"loss": out.loss.detach(), "acc": out.acc["ssl_acc"], "grads": [x.grad, y.grad]}
-        res["scale_bias_grads"] = [scale.grad, bias.grad]
-        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
-    except Exception:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
+def _gathered_step(rank: int) -> dict:
+    """One rank's loss and gradients with negatives gathered from the other rank."""
+    x, y = (t[rank * B : (rank + 1) * B].clone().requires_grad_() for t in _global_pair())
+    scale, bias = _leaf(math.log(10.0)), _leaf(-10.0)
+    out = siglip_loss(x, y, scale, bias, gather=True)
+    out.loss.backward()
+    res = {"loss": out.loss.detach(), "acc": out.acc["ssl_acc"], "grads": [x.grad, y.grad]}
+    res["scale_bias_grads"] = [scale.grad, bias.grad]
+    return res
 
 
 def test_gathered_loss_and_gradients_match_one_process(tmp_path: Path) -> None:
     """Two gloo workers, each with its B rows and the other's as negatives, compute the loss of
     the global batch; DDP averages gradients, so each carries WORLD x its rows' gradient."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        if p.is_alive():
-            p.kill()
-    errors = "\n".join(f.read_text() for f in sorted(tmp_path.glob("*.err")))
-    assert not errors, errors
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    results = run_on_workers(_gathered_step, tmp_path, WORLD, timeout_s=60)
 
     x, y = (t.clone().requires_grad_() for t in _global_pair())
     scale, bias = _leaf(math.log(10.0)), _leaf(-10.0)
     ref = siglip_loss(x, y, scale, bias)
     ref.loss.backward()
-    for rank in range(WORLD):
-        res = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for rank, res in enumerate(results):
         torch.testing.assert_close(res["loss"], ref.loss.detach())
         torch.testing.assert_close(res["acc"], ref.acc["ssl_acc"])
         rows = slice(rank * B, (rank + 1) * B)

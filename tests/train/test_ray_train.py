@@ -7,17 +7,12 @@ and sqlite MLflow store in its tmp_path, because Ray Train silently resumes a ru
 
 from __future__ import annotations
 
-import socket
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
 from mlflow.tracking import MlflowClient
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -38,6 +33,7 @@ from commlab.train.trainer import (
 )
 from commlab.train.worker import build_run
 from tests.conftest import toy_config
+from tests.gloo import run_on_workers
 from tests.train.conftest import ray_config
 
 # 4 epochs, warmup + cosine, clipping: resuming must restore the schedule, not restart it.
@@ -379,53 +375,38 @@ def _grouped_inputs() -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _bn_worker(rank: int, port: int, out_dir: str) -> None:
-    try:
-        torch.set_num_threads(1)
-        tdist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-            timeout=timedelta(seconds=60),
-        )  # fmt: skip
-        res = {}
-        for shape in [(C,), (C, 5)]:
-            x, w = _bn_inputs(shape)
-            model = sync_batchnorm(nn.Sequential(nn.BatchNorm1d(C)), torch.device("cpu"))
-            xr = x[rank * B : (rank + 1) * B].clone().requires_grad_()
-            y = model(xr)
-            (y * w[rank * B : (rank + 1) * B]).sum().backward()
-            bn = model[0]
-            res[str(shape)] = {
-                "y": y.detach(), "grad": xr.grad, "wgrad": bn.weight.grad, "bgrad": bn.bias.grad,
-                "running": (bn.running_mean.clone(), bn.running_var.clone()),
-                "type": type(bn).__name__,
-            }  # fmt: skip
-        # grouped: G batches in one pass, each normalised with its own global statistics
-        x, w = _grouped_inputs()
-        bn = sync_batchnorm(nn.Sequential(nn.BatchNorm1d(C)), torch.device("cpu"))[0]
-        xr = x[:, rank * B : (rank + 1) * B].clone().requires_grad_()
-        y = batch_norm_groups(bn, xr)
-        (y * w[:, rank * B : (rank + 1) * B]).sum().backward()
-        res["grouped"] = {
-            "y": y.detach(), "grad": xr.grad, "wgrad": bn.weight.grad,
+def _bn_checks(rank: int) -> dict:
+    """GlobalBatchNorm's outputs, gradients and running statistics on one rank."""
+    res = {}
+    for shape in [(C,), (C, 5)]:
+        x, w = _bn_inputs(shape)
+        model = sync_batchnorm(nn.Sequential(nn.BatchNorm1d(C)), torch.device("cpu"))
+        xr = x[rank * B : (rank + 1) * B].clone().requires_grad_()
+        y = model(xr)
+        (y * w[rank * B : (rank + 1) * B]).sum().backward()
+        bn = model[0]
+        res[str(shape)] = {
+            "y": y.detach(), "grad": xr.grad, "wgrad": bn.weight.grad, "bgrad": bn.bias.grad,
             "running": (bn.running_mean.clone(), bn.running_var.clone()),
+            "type": type(bn).__name__,
         }  # fmt: skip
-        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
-    except Exception:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if tdist.is_initialized():
-            tdist.destroy_process_group()
+    # grouped: G batches in one pass, each normalised with its own global statistics
+    x, w = _grouped_inputs()
+    bn = sync_batchnorm(nn.Sequential(nn.BatchNorm1d(C)), torch.device("cpu"))[0]
+    xr = x[:, rank * B : (rank + 1) * B].clone().requires_grad_()
+    y = batch_norm_groups(bn, xr)
+    (y * w[:, rank * B : (rank + 1) * B]).sum().backward()
+    res["grouped"] = {
+        "y": y.detach(), "grad": xr.grad, "wgrad": bn.weight.grad,
+        "running": (bn.running_mean.clone(), bn.running_var.clone()),
+    }  # fmt: skip
+    return res
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_global_batchnorm_equals_batchnorm_on_the_concatenated_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_bn_worker, args=(port, str(tmp_path)), nprocs=WORLD, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = run_on_workers(_bn_checks, tmp_path, WORLD, timeout_s=60)
     for shape in [(C,), (C, 5)]:
         x, w = _bn_inputs(shape)
         x = x.clone().requires_grad_()
