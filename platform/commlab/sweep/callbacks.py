@@ -65,12 +65,11 @@ class CloseChildRuns(Callback):
                 if k.split("/", 1)[0] in METRIC_NAMESPACES and isinstance(v, int | float)
             }
 
-    def _backfill(self, trial: Any, run_id: str) -> None:
+    def _backfill(self, trial: Any, ref: RunRef) -> None:
         """Log the epochs Tune saw that the run lacks. A trial stopped by ASHA is torn down
         right after its report, and its rank 0 logs that epoch to MLflow only after the
         report: without this, a trial stopped at its first rung could have no metrics."""
         seen = self.reported.get(trial.trial_id, {})
-        ref = RunRef(self.parent.tracking_uri, self.parent.experiment_id, run_id)
         if not seen or set(seen) <= RunLogger(ref).logged_epochs:
             return
         time.sleep(self.SETTLE_S)
@@ -78,7 +77,7 @@ class CloseChildRuns(Callback):
         for epoch in sorted(set(seen) - logger.logged_epochs):
             logger.log_epoch(epoch, seen[epoch])
 
-    def _log_last_checkpoint(self, trial: Any, run_id: str) -> None:
+    def _log_last_checkpoint(self, trial: Any, ref: RunRef) -> None:
         """A trial ASHA stopped never reaches its final logging, which puts its checkpoint in
         MLflow: log the checkpoint of its last report instead (from local or shared storage;
         a remote URI is left alone), so that `commlab promote` can promote it."""
@@ -86,10 +85,19 @@ class CloseChildRuns(Callback):
         if not path or "://" in str(path):
             return
         file = Path(path) / CHECKPOINT_NAME
-        ref = RunRef(self.parent.tracking_uri, self.parent.experiment_id, run_id)
         logger = RunLogger(ref)
-        if file.is_file() and not logger.client.list_artifacts(run_id, "checkpoint"):
+        if file.is_file() and not logger.client.list_artifacts(ref.run_id, "checkpoint"):
             logger.log_artifact(file, "checkpoint")
+
+    def _running_children(self, trial_id: str | None = None) -> list[tuple[RunRef, Any]]:
+        """(reference, MLflow run) of the parent's child runs still RUNNING (of one trial,
+        given `trial_id`)."""
+        query = f"tags.`{PARENT_TAG}` = '{self.parent.run_id}' and attributes.status = 'RUNNING'"
+        if trial_id is not None:
+            query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
+        runs = self.parent.client().search_runs([self.parent.experiment_id], filter_string=query)
+        parent = self.parent
+        return [(RunRef(parent.tracking_uri, parent.experiment_id, r.info.run_id), r) for r in runs]
 
     def _close(
         self,
@@ -98,21 +106,12 @@ class CloseChildRuns(Callback):
         tags: dict[str, str] | None = None,
         last_checkpoint: bool = False,
     ) -> None:
-        client = self.parent.client()
-        runs = client.search_runs(
-            [self.parent.experiment_id],
-            filter_string=(
-                f"tags.`{PARENT_TAG}` = '{self.parent.run_id}' and "
-                f"tags.`{TRIAL_TAG}` = '{trial.trial_id}' and attributes.status = 'RUNNING'"
-            ),
-        )
-        for run in runs:
-            ref = RunRef(self.parent.tracking_uri, self.parent.experiment_id, run.info.run_id)
-            self._backfill(trial, run.info.run_id)
+        for ref, _ in self._running_children(trial.trial_id):
+            self._backfill(trial, ref)
             if last_checkpoint:
-                self._log_last_checkpoint(trial, run.info.run_id)
+                self._log_last_checkpoint(trial, ref)
             if tags:
-                set_tags(client, run.info.run_id, tags)
+                set_tags(ref.client(), ref.run_id, tags)
             finish_run(ref, status)
 
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
@@ -121,18 +120,10 @@ class CloseChildRuns(Callback):
         trial's child run RUNNING, and `--resume` runs its slot as a new trial. The lost run
         ends KILLED with `commlab.lost_trial=true`; what it logged stays."""
         known = {t.trial_id for t in trials}
-        client = self.parent.client()
-        runs = client.search_runs(
-            [self.parent.experiment_id],
-            filter_string=(
-                f"tags.`{PARENT_TAG}` = '{self.parent.run_id}' and attributes.status = 'RUNNING'"
-            ),
-        )
-        for run in runs:
+        for ref, run in self._running_children():
             if run.data.tags.get(TRIAL_TAG) in known:
                 continue
-            ref = RunRef(self.parent.tracking_uri, self.parent.experiment_id, run.info.run_id)
-            set_tags(client, run.info.run_id, {LOST_TAG: "true"})
+            set_tags(ref.client(), ref.run_id, {LOST_TAG: "true"})
             finish_run(
                 ref,
                 "KILLED",

@@ -8,9 +8,10 @@ checkpoints and logs. It imports neither Ray nor MLflow.
 
 Speed settings are resolved once per run, on its first batch (`train.precision`, `train.fusion`
 `auto`: a cached measurement of this model's own step on this device, see commlab.perf; rank 0
-decides and broadcasts so every worker computes the same way) and change the numbers only within floating-point rounding. `perf/mfu` follows
-commlab.perf's one definition: the step time here includes batching and augmentation, and the
-peak is the compute dtype's matmul peak, re-measured after every epoch.
+decides and broadcasts so every worker computes the same way) and change the numbers only within
+floating-point rounding. `perf/mfu` follows commlab.perf's one definition: the step time here
+includes batching and augmentation, and the peak is the compute dtype's matmul peak, re-measured
+after every epoch.
 """
 
 from __future__ import annotations
