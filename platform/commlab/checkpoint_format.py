@@ -99,7 +99,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     raises `CorruptCheckpointError` naming the file and what to do."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint.pt"
+        path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

@@ -37,13 +37,12 @@ from rich.progress import Progress
 from torch import Tensor, nn
 
 from commlab.augment import build_augmenter
-from commlab.checkpoint_format import load_checkpoint
+from commlab.checkpoint_format import CHECKPOINT_NAME, load_checkpoint
 from commlab.config import ExperimentConfig
 from commlab.data.base import Batch, MultimodalDataset
 from commlab.data.parquet import read_dataset, shareable
 from commlab.models import Method, build_method
 
-CHECKPOINT_FILE = "checkpoint.pt"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _VARIABLE_LENGTH = ("sequence", "text")  # stored padded: the first per-item dim may vary
 _META_KEYS = ("data_fingerprint", "code_version", "seed", "epoch", "metrics", "packages")
@@ -157,14 +156,14 @@ def checkpoint_in(path: str | os.PathLike[str]) -> Path:
     if (p / "MLmodel").is_file():
         flavor = (yaml.safe_load((p / "MLmodel").read_text()) or {}).get("flavors", {})
         data = (flavor.get("python_function") or {}).get("data")
-        if data and (p / data / CHECKPOINT_FILE).is_file():
-            return p / data / CHECKPOINT_FILE
-    for candidate in (p / CHECKPOINT_FILE, p / "checkpoint" / CHECKPOINT_FILE):
+        if data and (p / data / CHECKPOINT_NAME).is_file():
+            return p / data / CHECKPOINT_NAME
+    for candidate in (p / CHECKPOINT_NAME, p / "checkpoint" / CHECKPOINT_NAME):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"{p} holds no {CHECKPOINT_FILE} (looked for {CHECKPOINT_FILE}, checkpoint/"
-        f"{CHECKPOINT_FILE} and a promoted model's MLmodel data)"
+        f"{p} holds no {CHECKPOINT_NAME} (looked for {CHECKPOINT_NAME}, checkpoint/"
+        f"{CHECKPOINT_NAME} and a promoted model's MLmodel data)"
     )
 
 

@@ -27,6 +27,7 @@ import torch
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from commlab.checkpoint_format import CHECKPOINT_NAME
 from commlab.config import ExperimentConfig, apply_overrides, flatten, validate_config
 from commlab.sweep.space import LoadedSpace, to_overrides
 from commlab.tags import (
@@ -77,7 +78,7 @@ def reuses_trial_processes(space: LoadedSpace, storage: str) -> bool:
 
 def latest_checkpoint(train_dir: Path) -> Path | None:
     done = sorted(
-        p for p in train_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / "checkpoint.pt").is_file()
+        p for p in train_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / CHECKPOINT_NAME).is_file()
     )
     return done[-1] if done else None
 

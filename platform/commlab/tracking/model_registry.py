@@ -37,7 +37,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from commlab.checkpoint_format import load_checkpoint, package_versions
+from commlab.checkpoint_format import CHECKPOINT_NAME, load_checkpoint, package_versions
 from commlab.config import ExperimentConfig, to_yaml
 from commlab.tags import (
     CODE_VERSION_TAG,
@@ -62,7 +62,7 @@ from commlab.tracking.query import (
     trial_row,
 )
 
-CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
+CHECKPOINT_ARTIFACT = f"checkpoint/{CHECKPOINT_NAME}"
 CONFIG_ARTIFACT = "config.yaml"
 DATA_DIR = "encoder"  # the pyfunc data directory: data/encoder/
 LOADER_MODULE = "commlab.pretrained"
@@ -181,7 +181,7 @@ def build_model_dir(
     """Write the pyfunc model directory (layout in the module docstring) at `out`."""
     data = out.parent / f"{out.name}-data" / DATA_DIR
     data.mkdir(parents=True)
-    torch.save({k: v for k, v in ckpt.items() if k not in _TRAINING_ONLY}, data / "checkpoint.pt")
+    torch.save({k: v for k, v in ckpt.items() if k not in _TRAINING_ONLY}, data / CHECKPOINT_NAME)
     (data / "config.yaml").write_text(config_yaml)
     (data / "lineage.json").write_text(json.dumps(lineage, indent=1) + "\n")
     packages = package_versions()

@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from commlab.checkpoint_format import load_checkpoint, save_checkpoint
+from commlab.checkpoint_format import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from commlab.config import ExperimentConfig, flatten, to_yaml
 from commlab.rus import rus_report
 from commlab.tags import RUN_DIR_TAG, WORKERS_TAG
@@ -52,13 +52,13 @@ def pretrain_local(
     console = console or Console()
     base = Path(run_dir) if run_dir else Path(cfg.train.out_dir) / cfg.name
     if resume:
-        if not (base / "checkpoint.pt").is_file():
+        if not (base / CHECKPOINT_NAME).is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {base / 'checkpoint.pt'}")
         out = base
     else:
         out = base.parent / fresh_name(str(base.parent), base.name)
     if resume:  # an unreadable checkpoint fails here, before the MLflow run is touched
-        load_checkpoint(out / "checkpoint.pt")
+        load_checkpoint(out / CHECKPOINT_NAME)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
 
@@ -88,13 +88,13 @@ def _fit(
 ) -> PretrainResult:
     run = PretrainRun(cfg)
     if resume:
-        run.load_state_dict(load_checkpoint(out / "checkpoint.pt"))
+        run.load_state_dict(load_checkpoint(out / CHECKPOINT_NAME))
         console.print(f"resumed at epoch {run.epoch}/{cfg.train.epochs}")
     console.print(
         f"data: {run.data.description or cfg.data.name}; {len(run.train_ids)} train samples, "
         f"{run.steps_per_epoch} steps/epoch of {cfg.data.batch_size}"
     )
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = out / CHECKPOINT_NAME
     metrics_file = out / "metrics.jsonl"
 
     def on_epoch_end(epoch: int, metrics: dict[str, float], r: PretrainRun) -> None:

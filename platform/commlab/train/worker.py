@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from commlab import dist
-from commlab.checkpoint_format import load_checkpoint, save_checkpoint
+from commlab.checkpoint_format import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from commlab.config import ExperimentConfig, to_yaml
 from commlab.data import DataBundle, build_data
 from commlab.models.norm import sync_batchnorm
@@ -47,8 +47,6 @@ from commlab.tracking import RunLogger
 from commlab.train.checkpoint import rng_state, set_rng_state
 from commlab.train.epoch_end import checkpoint_payload, format_progress
 from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext
-
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 # ---------------------------------------------------------------- synchronised BatchNorm
@@ -149,7 +147,7 @@ def build_run(
 def resume(run: PretrainRun, checkpoint_dir: str | Path) -> dict[str, float]:
     """Load a reported checkpoint into `run` (this rank's RNG when present); its metrics."""
     root = Path(checkpoint_dir)
-    state = load_checkpoint(root / CHECKPOINT_FILE)
+    state = load_checkpoint(root / CHECKPOINT_NAME)
     run.load_state_dict(state)
     own = root / f"rng-rank{run.ctx.rank}.pt"
     if own.is_file() and run.ctx.rank != 0:
@@ -226,7 +224,7 @@ def run_training(
 
         with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
             if ctx.rank == 0:
-                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, checkpoint_payload(r, metrics))
+                save_checkpoint(Path(tmp) / CHECKPOINT_NAME, checkpoint_payload(r, metrics))
             else:
                 torch.save(rng_state(), Path(tmp) / f"rng-rank{ctx.rank}.pt")
             report(metrics, tmp, epoch, log)
@@ -238,7 +236,7 @@ def run_training(
     final = trained or resumed  # an attempt that resumed after the last epoch trains nothing
     if logger is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_checkpoint(Path(tmp) / CHECKPOINT_FILE, checkpoint_payload(run, final))
+            path = save_checkpoint(Path(tmp) / CHECKPOINT_NAME, checkpoint_payload(run, final))
             logger.log_artifact(path, "checkpoint")
         logger.log_text(to_yaml(cfg), "config.yaml")
         logger.log_rus(final, run.data.probe.tasks, title=f"{cfg.name} ({cfg.model.method})")
