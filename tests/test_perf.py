@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -43,8 +44,11 @@ class _Toy(nn.Module):
         super().__init__()
         self.lin = nn.Linear(8, 4, bias=False)
         self.bn = nn.BatchNorm1d(4)
+        self.modes: list[bool] = []  # training flag at every loss call
 
     def loss(self, a, b):
+        self.modes.append(self.training)
+
         class Out:
             loss = self.bn(self.lin(a)).square().mean() + self.lin(b).sum()
 
@@ -56,7 +60,7 @@ class _Toy(nn.Module):
 )
 def test_auto_precision_is_a_function_of_the_cached_measurement(tmp_path, bf16_s, expected):
     path = tmp_path / "perf.json"
-    key = f"precision|{perf.device_key('cpu')}|toy"
+    key = f"precision-train|{perf.device_key('cpu')}|toy"
     path.write_text(json.dumps({key: {"seconds": {"fp32": 1.0, "bf16-mixed": bf16_s}}}))
     m, a = _Toy(), torch.randn(16, 8)
     for _ in range(3):
@@ -64,7 +68,10 @@ def test_auto_precision_is_a_function_of_the_cached_measurement(tmp_path, bf16_s
         assert choice == expected and entry["seconds"]["bf16-mixed"] == bf16_s
     # another model (signature) on the same device is measured on its own
     other, _ = perf.choose_step_precision(m, a, a, torch.device("cpu"), "other", path=path)
-    assert set(json.loads(path.read_text())) == {key, f"precision|{perf.device_key('cpu')}|other"}
+    assert set(json.loads(path.read_text())) == {
+        key,
+        f"precision-train|{perf.device_key('cpu')}|other",
+    }
 
 
 def test_auto_precision_times_the_models_own_step_on_a_copy(tmp_path):
@@ -75,6 +82,15 @@ def test_auto_precision_times_the_models_own_step_on_a_copy(tmp_path):
     assert set(entry["seconds"]) == {"fp32", "bf16-mixed"}
     assert all(v > 0 for v in entry["seconds"].values())
     assert m.lin.weight.grad is None and int(m.bn.num_batches_tracked) == 0  # untouched
+    assert m.modes == []  # the copy ran the steps ...
+    copies = []
+
+    def local_copy(module):
+        copies.append(copy.deepcopy(module).eval())  # ... in training mode, whatever it was
+        return copies[-1]
+
+    perf.choose_step_precision(m, a, a, torch.device("cpu"), "t2", path=path, local_copy=local_copy)
+    assert len(copies) == 1 and copies[0].modes and all(copies[0].modes)
     assert perf.choose_step_precision(m, a, a, torch.device("cpu"), "toy", path=path)[0] == choice
 
 

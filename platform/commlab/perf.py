@@ -244,6 +244,7 @@ def choose_step_precision(
     signature: str,
     rounds: int = 3,
     path: Path | None = None,
+    local_copy: Callable[[nn.Module], nn.Module] = copy.deepcopy,
 ) -> tuple[str, dict[str, Any]]:
     """`train.precision: auto`: bf16-mixed where this model's own training step (forward +
     backward of `method.loss(view_a, view_b)`) runs at least `BF16_MIN_SPEEDUP` times faster
@@ -251,8 +252,10 @@ def choose_step_precision(
     (architecture and input shapes), cached: no device-wide answer exists (on a CPU with AMX,
     bf16 runs the 224 px Trifeatures step 4x faster and the 64 px one no faster).
 
-    The step runs on a copy in eval mode: the method's BatchNorm statistics and gradients stay
-    untouched, and no BatchNorm synchronisation waits for workers that do not measure."""
+    The step runs in training mode (dropout and batch statistics cost what they cost in
+    training) on `local_copy(method)`, so the method's BatchNorm statistics and gradients stay
+    untouched; the caller's copy must not communicate (the other workers do not measure). The
+    caller keeps its random streams apart (dropout draws here)."""
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return "fp32", {"seconds": {}, "reason": "no bf16 support on this GPU"}
     if device.type not in ("cpu", "cuda"):
@@ -262,7 +265,7 @@ def choose_step_precision(
     def step(precision: str) -> Callable[[], None]:
         def run() -> None:
             if not copies:
-                copies.append(copy.deepcopy(method).eval())
+                copies.append(local_copy(method).train())
             probe = copies[0]
             with autocast(device, precision):
                 out = probe.loss(view_a, view_b)  # type: ignore[operator]
@@ -273,7 +276,7 @@ def choose_step_precision(
         return run
 
     return timed_choice(
-        f"precision|{device_key(device)}|{signature}",
+        f"precision-train|{device_key(device)}|{signature}",
         {p: step(p) for p in PRECISIONS},
         default="fp32",
         margin=BF16_MIN_SPEEDUP,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from commlab.models.adapters import PatchAdapter, sincos_2d
-from commlab.models.fusion import FusionTransformer, comm_masks
+from commlab.models.fusion import FusionTransformer, attention, comm_masks
 
 
 def _tokens(b=4, lengths=(5, 7, 3), e=32, seed=0):
@@ -151,3 +151,31 @@ def test_no_padding_needs_no_mask_and_equals_all_valid_pads(pool):
         b = getattr(fusion, path)(tokens, all_valid, comm_masks(2))
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 9, 16, dtype=torch.bfloat16) for _ in range(3))
+    keep = torch.rand(3, 1, 9, 9) > 0.3
+    keep |= torch.eye(9, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attention(q, k, v, keep, 0.0)
+    assert y.dtype == torch.float32
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=keep
+    )
+    assert torch.allclose(y, ref, atol=1e-6)
+    # other dtypes are left as they come
+    assert attention(q.double(), k.double(), v.double(), None, 0.0).dtype == torch.float64
+
+
+def test_fusion_under_bf16_autocast_stays_close_to_fp32():
+    torch.manual_seed(0)
+    fusion = FusionTransformer(32, n_heads=4, n_layers=2)
+    tokens = [torch.randn(6, 5, 32), torch.randn(6, 3, 32)]
+    masks = comm_masks(2)
+    ref = fusion(tokens, [None, None], masks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fusion(tokens, [None, None], masks)
+    for a, b in zip(ref, low, strict=True):
+        assert (a - b.float()).abs().max() < 0.1

@@ -56,3 +56,19 @@ def test_groups_are_normalised_separately_and_eval_uses_running_stats():
     torch.testing.assert_close(batch_norm_groups(bn, x), bn(x.flatten(0, 1)).view_as(x))
     with pytest.raises(ValueError, match="groups, batch, channels"):
         batch_norm_groups(bn, x[0])
+
+
+def test_local_batchnorm_undoes_synchronisation_and_shares_parameters():
+    from commlab.models.norm import GlobalBatchNorm, LocalBatchNorm, local_batchnorm, sync_batchnorm
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Sequential(nn.BatchNorm1d(6)))
+    synced = sync_batchnorm(copy.deepcopy(plain), torch.device("cpu"))
+    assert sum(isinstance(m, GlobalBatchNorm) for m in synced.modules()) == 2
+    local = local_batchnorm(synced)
+    assert not any(isinstance(m, GlobalBatchNorm) for m in local.modules())
+    assert sum(isinstance(m, LocalBatchNorm) for m in local.modules()) == 2
+    assert local[1].weight is synced[1].weight and local[1].running_mean is synced[1].running_mean
+    x = torch.randn(8, 4)
+    assert torch.allclose(local(x), plain(x), atol=1e-6)
+    assert torch.allclose(local[1].running_mean, plain[1].running_mean)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from commlab.models.dropout import EncoderLayer
 from commlab.registry import Registry
 
 ENCODERS: Registry[type[nn.Module]] = Registry("encoder")
@@ -86,9 +87,7 @@ class SequenceTransformer(nn.Module):
                 f"transformer encoder: d_model={d_model} not divisible by n_heads={n_heads}"
             )
         self.proj = nn.Linear(in_dim, d_model, bias=False)
-        layer = nn.TransformerEncoderLayer(
-            d_model, n_heads, ff_dim, dropout, batch_first=True, norm_first=True
-        )
+        layer = EncoderLayer(d_model, n_heads, ff_dim, dropout, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.out_dim = d_model
 
@@ -152,9 +151,7 @@ class TokenEmbedding(nn.Module):
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(1, 512, dim))
         nn.init.normal_(self.pos, std=0.02)
-        layer = nn.TransformerEncoderLayer(
-            dim, n_heads, 4 * dim, 0.1, batch_first=True, norm_first=True
-        )
+        layer = EncoderLayer(dim, n_heads, 4 * dim, 0.1, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.out_dim = dim
 

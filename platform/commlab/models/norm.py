@@ -137,17 +137,40 @@ def _to_global_bn(module: nn.Module) -> nn.Module:
     if isinstance(module, _BatchNorm) and not isinstance(
         module, GlobalBatchNorm | nn.SyncBatchNorm
     ):
-        out = GlobalBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats,
-        )  # fmt: skip
-        if module.affine:
-            out.weight = module.weight
-            out.bias = module.bias
-        out.running_mean = module.running_mean
-        out.running_var = module.running_var
-        out.num_batches_tracked = module.num_batches_tracked
-        out.train(module.training)
+        out = _rebuild(module, GlobalBatchNorm)
     for name, child in module.named_children():
         out.add_module(name, _to_global_bn(child))
+    return out
+
+
+class LocalBatchNorm(_BatchNorm):
+    """Plain BatchNorm over this worker's batch, for any input rank (N, C, ...)."""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (N, C, ...), got {x.dim()}D")
+
+
+def local_batchnorm(module: nn.Module) -> nn.Module:
+    """`module` with every synchronised BatchNorm made local (in place for children; they share
+    the parameters and buffers): for work one worker does alone, such as timing a step on a copy,
+    where a collective would wait for workers that never join."""
+    out = module
+    if isinstance(module, GlobalBatchNorm | nn.SyncBatchNorm):
+        out = _rebuild(module, LocalBatchNorm)
+    for name, child in module.named_children():
+        out.add_module(name, local_batchnorm(child))
+    return out
+
+
+def _rebuild(bn: _BatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
+    """A `cls` layer with `bn`'s settings, sharing its parameters and buffers."""
+    out = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    if bn.affine:
+        out.weight = bn.weight
+        out.bias = bn.bias
+    out.running_mean = bn.running_mean
+    out.running_var = bn.running_var
+    out.num_batches_tracked = bn.num_batches_tracked
+    out.train(bn.training)
     return out

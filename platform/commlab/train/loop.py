@@ -17,6 +17,7 @@ after every epoch.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import random
@@ -35,6 +36,7 @@ from commlab.augment import build_augmenter
 from commlab.config import ExperimentConfig
 from commlab.data import DataBundle, MultimodalDataset, build_data
 from commlab.models import Method, build_method
+from commlab.models.norm import local_batchnorm
 from commlab.perf import (
     COMPUTE_DTYPE,
     autocast,
@@ -95,12 +97,18 @@ def resolve_precision(
     if cfg.train.precision != "auto":
         return cfg.train.precision, "configured"
     signature = model_signature(cfg, view_a)
-    choice, entry = choose_step_precision(method, view_a, view_b, device, signature)
+    choice, entry = choose_step_precision(
+        method, view_a, view_b, device, signature, local_copy=_local_copy
+    )
     secs = entry.get("seconds") or {}
     if not secs:
         return choice, f"auto: {entry.get('reason', '')}"
     timing = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(secs.items()))
     return choice, f"auto: this model's step on this device ({timing})"
+
+
+def _local_copy(method: nn.Module) -> nn.Module:
+    return local_batchnorm(copy.deepcopy(method))
 
 
 def has_conv(module: nn.Module) -> bool:
