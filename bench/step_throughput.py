@@ -7,7 +7,8 @@ pre-made views (augmentation is not timed).
 
 Settings, timed interleaved (one step of each per round, so the machine's load hits all alike):
   baseline     commlab before this bench's speed work: fp32, eager, one fusion forward per mask
-               (sequential), contiguous (NCHW) convs, AdamW's per-parameter loop
+               (sequential), contiguous (NCHW) convs, AdamW's per-parameter loop, torch's own
+               TransformerEncoderLayer (its Bernoulli dropout) in sequence encoders
   packed       the baseline with the packed one-forward fusion
   auto         what `train.precision=auto, train.fusion=auto` (and the defaults channels_last,
                fused AdamW) pick on this machine, as PretrainRun resolves them
@@ -39,6 +40,7 @@ from commlab.augment import build_augmenter
 from commlab.config import ExperimentConfig, load_config
 from commlab.data.base import Batch
 from commlab.models import build_method
+from commlab.models.dropout import EncoderLayer
 from commlab.perf import (
     COMPUTE_DTYPE,
     autocast,
@@ -95,9 +97,14 @@ class Setting:
         channels_last: bool,
         fused_adamw: bool,
         compile: bool = False,
+        torch_layers: bool = False,
     ) -> None:
         torch.manual_seed(0)
         self.method = build_method(cfg, shapes)
+        if torch_layers:  # the same parameters, torch's own forward (and dropout)
+            for m in self.method.modules():
+                if isinstance(m, EncoderLayer):
+                    m.__class__ = torch.nn.TransformerEncoderLayer
         if channels_last and has_conv(self.method):
             self.method.to(memory_format=torch.channels_last)
         self.method.fusion_path = fusion
@@ -115,6 +122,7 @@ class Setting:
             "channels_last": channels_last,
             "fused_adamw": fused_adamw,
             "compile": compile,
+            "cheap_dropout": not torch_layers,
         }
         self.compile_s = None
         if compile:
@@ -126,7 +134,7 @@ class Setting:
     def step(self) -> None:
         va, vb = self.views
         with autocast(torch.device("cpu"), self.precision):
-            out = self.method.loss(va, vb)
+            out = self.method(va, vb)  # __call__: the compiled forward when compiled
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         self.opt.step()
@@ -167,7 +175,7 @@ def run_case(name: str, rounds: int, with_compile: bool, with_bf16: bool = True)
     cfg = load_config(path, [*overrides, "train.precision=fp32"])
     views = make_views(cfg, shapes)
     precision, fusion, notes = auto_settings(cfg, shapes, views)
-    base = {"channels_last": False, "fused_adamw": False}
+    base = {"channels_last": False, "fused_adamw": False, "torch_layers": True}
     best = {"channels_last": True, "fused_adamw": True}
     settings = {
         "baseline": Setting(cfg, shapes, views, precision="fp32", fusion="sequential", **base),

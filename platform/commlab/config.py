@@ -272,9 +272,10 @@ class TrainConfig(_Strict):
     # of the two a cached once-per-device measurement found faster (commlab.perf)
     precision: Literal["fp32", "bf16-mixed", "auto"] = "fp32"
     compile: bool = False  # torch.compile the model's training step
-    # CoMM's n_mod+1 masked fusion passes: one packed forward, one forward per mask, or the
-    # faster of the two as measured once per device and model shape (cached)
-    fusion: Literal["auto", "packed", "sequential"] = "auto"
+    # CoMM's n_mod+1 masked fusion passes: one packed forward, one forward per mask, one per
+    # distinct token count (equal-length masks stacked), or the fastest of these as measured
+    # once per device and model shape (cached)
+    fusion: Literal["auto", "packed", "sequential", "grouped"] = "auto"
     channels_last: bool = True  # NHWC conv weights: oneDNN/cuDNN then run the convs in NHWC
     # Which BatchNorm layers use global-batch statistics under data parallelism: every one,
     # only the projection head's (CoMM's contrastive statistics), or none (per-worker shards)

@@ -1,10 +1,11 @@
 """Fusion transformer over concatenated modality tokens, with modality masking.
 
 Masking a modality means leaving its tokens out. The n_mod+1 masked passes CoMM needs per view
-run either packed, as ONE forward (`fuse_batched`: each mask's tokens and its own CLS form a
-segment, segments share rows, a block-diagonal attention mask keeps them apart), or one forward
-per mask on only the selected tokens (`fuse_sequential`). Both give the same numbers; which is
-faster depends on the device (`train.fusion`). Padding masks are honoured in every path, and mean
+run packed, as ONE forward (`fuse_batched`: each mask's tokens and its own CLS form a segment,
+segments share rows, a block-diagonal attention mask keeps them apart); one forward per mask on
+only the selected tokens (`fuse_sequential`); or one forward per distinct token count, the
+masks of equal length stacked along the batch (`fuse_grouped`). All give the same numbers;
+which is fastest depends on the device and the model (`train.fusion`). Padding masks are honoured in every path, and mean
 pooling averages only the tokens that are present and not padding. Without padding no attention
 mask is built at all, so SDPA takes its fastest kernel and compiled graphs have no data-dependent
 branch.
@@ -218,6 +219,40 @@ class FusionTransformer(nn.Module):
             ps = [p for p, f in zip(pads, m, strict=True) if f]
             outs.append(self._run(torch.cat(ts, dim=1), self._present(ts, ps)))
         return outs
+
+    def fuse_grouped(
+        self, tokens: list[Tensor], pads: list[Tensor | None], masks: list[list[bool]]
+    ) -> list[Tensor]:
+        """The sequential passes with every set of masks that select the same number of tokens
+        stacked along the batch: one forward per distinct length (CoMM with modalities of equal
+        token count: 2 instead of n_mod + 1), no attention mask beyond padding. Rows never
+        interact, so the numbers are the sequential path's."""
+        self._check_masks(masks, len(tokens))
+        selected = []
+        for m in masks:
+            ts = [t for t, f in zip(tokens, m, strict=True) if f]
+            ps = [p for p, f in zip(pads, m, strict=True) if f]
+            selected.append((torch.cat(ts, dim=1), self._present(ts, ps)))
+        groups: dict[int, list[int]] = {}
+        for k, (x, _) in enumerate(selected):
+            groups.setdefault(x.shape[1], []).append(k)
+        outs: list[Tensor | None] = [None] * len(masks)
+        for ks in groups.values():
+            x = torch.cat([selected[k][0] for k in ks])
+            presents = [selected[k][1] for k in ks]
+            present = None
+            if any(p is not None for p in presents):
+                present = torch.cat(
+                    [
+                        p
+                        if p is not None
+                        else selected[k][0].new_ones(selected[k][0].shape[:2], dtype=torch.bool)
+                        for k, p in zip(ks, presents, strict=True)
+                    ]
+                )
+            for k, y in zip(ks, self._run(x, present).chunk(len(ks)), strict=True):
+                outs[k] = y
+        return [o for o in outs if o is not None]
 
     @staticmethod
     def _check_masks(masks: list[list[bool]], n_mod: int) -> None:

@@ -16,11 +16,13 @@ from commlab.objectives.base import (
     LossOutput,
     check_embeddings,
     check_temperature,
+    in_fp32,
     normalize_and_gather,
 )
 from commlab.objectives.infonce import nt_xent
 
 
+@in_fp32
 def cmc_loss(zs: Sequence[Tensor], temperature: float = 0.1, gather: bool = False) -> LossOutput:
     """CMC loss over n >= 2 modalities.
 

@@ -17,11 +17,13 @@ from commlab.objectives.base import (
     LossOutput,
     check_embeddings,
     check_temperature,
+    in_fp32,
     normalize_and_gather,
 )
 from commlab.objectives.infonce import nt_xent
 
 
+@in_fp32
 def comm_loss(
     views_a: Sequence[Tensor],
     views_b: Sequence[Tensor],

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from commlab.dist import gather_no_grad, gather_sizes, get_rank, get_world_size
-from commlab.objectives.base import LossOutput, check_embeddings
+from commlab.objectives.base import LossOutput, check_embeddings, in_fp32
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -50,6 +50,7 @@ def _global_keys(z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor, int]:
     return keys1, keys2, start
 
 
+@in_fp32
 def clip_loss(z1: Tensor, z2: Tensor, logit_scale: Tensor, gather: bool = False) -> LossOutput:
     """CLIP loss between paired embeddings of two modalities.
 

@@ -14,11 +14,13 @@ from commlab.objectives.base import (
     LossOutput,
     check_embeddings,
     check_temperature,
+    in_fp32,
     normalize_and_gather,
 )
 from commlab.objectives.infonce import nt_xent
 
 
+@in_fp32
 def cross_self_loss(
     z1: Tensor,
     z2: Tensor,

@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from commlab.objectives.base import LossOutput, check_embeddings, normalize_and_gather
+from commlab.objectives.base import (
+    LossOutput,
+    check_embeddings,
+    in_fp32,
+    normalize_and_gather,
+)
 
 
 class SigmoidScaleBias(nn.Module):
@@ -33,6 +38,7 @@ class SigmoidScaleBias(nn.Module):
         return self.logit_scale, self.logit_bias
 
 
+@in_fp32
 def siglip_loss(
     x: Tensor, y: Tensor, logit_scale: Tensor, logit_bias: Tensor, gather: bool = False
 ) -> LossOutput:
