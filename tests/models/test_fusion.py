@@ -39,6 +39,34 @@ def test_batched_masks_equal_sequential(pool, n_mod, n_layers):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize(
+    ("lengths", "valid"),
+    [
+        ((5, 5, 5), [[5, 2, 4, 1], None, [3, 5, 1, 2]]),  # equal lengths: one group of singles
+        ((5, 7, 5), [None, [7, 2, 4, 1], None]),  # two of three alike
+        ((4, 4), [None, None]),  # no padding anywhere
+    ],
+)
+def test_grouped_equals_sequential_with_gradients(pool, lengths, valid):
+    torch.manual_seed(4)
+    f1 = FusionTransformer(32, 4, 2, pool)
+    f2 = FusionTransformer(32, 4, 2, pool)
+    f2.load_state_dict(f1.state_dict())
+    tokens = _tokens(lengths=lengths)
+    pads = _pads(4, lengths, valid)
+    masks = comm_masks(len(lengths))
+    grouped = f1.fuse_grouped(tokens, pads, masks)
+    sequential = f2.fuse_sequential(tokens, pads, masks)
+    assert len(grouped) == len(masks)
+    for a, b in zip(grouped, sequential, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    sum(o.square().sum() for o in grouped).backward()
+    sum(o.square().sum() for o in sequential).backward()
+    for (n, p1), p2 in zip(f1.named_parameters(), f2.parameters(), strict=True):
+        torch.testing.assert_close(p1.grad, p2.grad, atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_batched_gradients_equal_sequential():
     torch.manual_seed(1)
     lengths = (4, 6)
@@ -63,7 +91,7 @@ def test_padding_values_never_matter(pool):
     pads = _pads(4, lengths, [[2, 6, 3, 1], None])
     noisy = [t.clone() for t in tokens]
     noisy[0][pads[0]] = 1e3 * torch.randn_like(noisy[0][pads[0]])
-    for path in ("all", "batched", "sequential"):
+    for path in ("all", "batched", "sequential", "grouped"):
         if path == "all":
             a, b = [fusion(tokens, pads)], [fusion(noisy, pads)]
         else:
@@ -146,7 +174,7 @@ def test_no_padding_needs_no_mask_and_equals_all_valid_pads(pool):
     all_valid = _pads(4, lengths, [[5, 5, 5, 5], [7, 7, 7, 7]])
     assert FusionTransformer._present(tokens, no_pads) is None
     torch.testing.assert_close(fusion(tokens, no_pads), fusion(tokens, all_valid))
-    for path in ("fuse_batched", "fuse_sequential"):
+    for path in ("fuse_batched", "fuse_sequential", "fuse_grouped"):
         a = getattr(fusion, path)(tokens, no_pads, comm_masks(2))
         b = getattr(fusion, path)(tokens, all_valid, comm_masks(2))
         for x, y in zip(a, b, strict=True):

@@ -139,7 +139,7 @@ def test_comm_fusion_paths_give_the_same_loss_and_gradients():
     va, vb = aug(batch, g), aug(batch, g)
     model.eval()  # no dropout: both paths see the same network
     results = {}
-    for path in ("packed", "sequential"):
+    for path in ("packed", "sequential", "grouped"):
         model.fusion_path = path
         model.zero_grad(set_to_none=True)
         out = model(va, vb)
@@ -147,19 +147,26 @@ def test_comm_fusion_paths_give_the_same_loss_and_gradients():
         results[path] = (out.loss.detach(), model.fusion.blocks[0].in_proj.weight.grad.clone())
     torch.testing.assert_close(results["packed"][0], results["sequential"][0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(results["packed"][1], results["sequential"][1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        results["grouped"][0], results["sequential"][0], atol=1e-6, rtol=1e-6
+    )
+    torch.testing.assert_close(
+        results["grouped"][1], results["sequential"][1], atol=1e-6, rtol=1e-5
+    )
     model.fusion_path = "nope"
-    with pytest.raises(ValueError, match="packed or 'sequential'|'packed' or 'sequential'"):
+    with pytest.raises(ValueError, match="'packed', 'sequential', 'grouped', got 'nope'"):
         model(va, vb)
 
 
-def test_fusion_options_time_both_paths_without_touching_batchnorm():
+def test_fusion_options_time_every_path_without_touching_batchnorm():
     cfg, model, aug, batch, g = _setup("comm")
     va, vb = aug(batch, g), aug(batch, g)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     options = model.fusion_options(va, vb)
-    assert set(options) == {"packed", "sequential"}
-    a, b = options["packed"](), options["sequential"]()
-    assert a.ndim == 0 and b.ndim == 0
+    assert set(options) == {"packed", "sequential", "grouped"}
+    a, b, c = options["packed"](), options["sequential"](), options["grouped"]()
+    assert a.ndim == 0 and b.ndim == 0 and c.ndim == 0
+    torch.testing.assert_close(c, b)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.training and "width=16" in model.fusion_signature()
 

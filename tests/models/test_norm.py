@@ -72,3 +72,16 @@ def test_local_batchnorm_undoes_synchronisation_and_shares_parameters():
     x = torch.randn(8, 4)
     assert torch.allclose(local(x), plain(x), atol=1e-6)
     assert torch.allclose(local[1].running_mean, plain[1].running_mean)
+
+
+def test_projection_head_runs_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    head = ProjectionHead(16, 32, 8)
+    x = torch.randn(3, 10, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grouped = head.forward_groups(x)
+        single = head(x[0])
+    assert grouped.dtype == torch.float32 and single.dtype == torch.float32
+    ref = ProjectionHead(16, 32, 8)
+    ref.load_state_dict(head.state_dict())
+    torch.testing.assert_close(grouped, ref.forward_groups(x.float()))

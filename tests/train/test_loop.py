@@ -217,7 +217,7 @@ def test_auto_precision_is_timed_on_the_first_batch_then_follows_the_cache(
     cfg = toy_config("comm", (*over, "train.precision=auto", "train.fusion=packed"))
     first = PretrainRun(cfg, data=_bundle())
     first.run_epoch(0)  # measures this model's step in both precisions, once
-    keys = [k for k in json.loads(perf_cache.read_text()) if k.startswith("precision|")]
+    keys = [k for k in json.loads(perf_cache.read_text()) if k.startswith("precision-train|")]
     assert len(keys) == 1 and "|comm|model=" in keys[0]
     assert first.precision in ("fp32", "bf16-mixed")
     assert "auto: this model's step on this device" in first.settings_note
@@ -234,7 +234,7 @@ def test_auto_precision_is_timed_on_the_first_batch_then_follows_the_cache(
     # and another model (here: a wider projection head) is measured on its own
     wider = toy_config("comm", (*over, "train.precision=auto", "model.head.hidden_dim=48"))
     PretrainRun(wider, data=_bundle()).run_epoch(0)
-    keys = [k for k in json.loads(perf_cache.read_text()) if k.startswith("precision|")]
+    keys = [k for k in json.loads(perf_cache.read_text()) if k.startswith("precision-train|")]
     assert len(keys) == 2
 
 
@@ -242,17 +242,18 @@ def test_auto_fusion_measures_once_and_both_paths_train_alike(perf_cache):
     over = ("train.epochs=1", "train.probe_every=0", "train.max_steps_per_epoch=2")
     auto = PretrainRun(toy_config("comm", (*over, "train.fusion=auto")), data=_bundle())
     auto.fit()
-    assert auto.method.fusion_path in ("packed", "sequential")
+    assert auto.method.fusion_path in ("packed", "sequential", "grouped")
     entry = next(
         v for k, v in json.loads(perf_cache.read_text()).items() if k.startswith("fusion|")
     )
-    assert set(entry["seconds"]) == {"packed", "sequential"}
-    # a cached entry decides: make the other path the faster one and build again
-    other = "sequential" if auto.method.fusion_path == "packed" else "packed"
+    paths = {"packed", "sequential", "grouped"}
+    assert set(entry["seconds"]) == paths
+    # a cached entry decides: make another path the fastest one and build again
+    other = sorted(paths - {auto.method.fusion_path})[0]
     data = json.loads(perf_cache.read_text())
     for k in data:
         if k.startswith("fusion|"):
-            data[k]["seconds"] = {other: 0.1, auto.method.fusion_path: 1.0}
+            data[k]["seconds"] = {p: 0.1 if p == other else 1.0 for p in paths}
     perf_cache.write_text(json.dumps(data))
     again = PretrainRun(toy_config("comm", (*over, "train.fusion=auto")), data=_bundle())
     m_again = again.run_epoch(0)
