@@ -19,12 +19,17 @@ so it includes reporting and checkpointing but not Ray's one-off startup (report
 `loop_samples_per_s` is the loop's own `perf/samples_per_s` (training steps only).
   ceiling-2p   2 independent in-process loops at once (batch 64 each, no communication): the
                best any 2-worker run could do on this machine at this moment
+  gloo-2w-1t-none  2 processes in a gloo process group on loopback, without Ray: the same
+               worker code (build_run: DDP, gathered negatives, batchnorm_sync=none), so the
+               difference to ray-2w-1t-none is what running under Ray Train costs
+The 1-worker and 2-worker cases run interleaved over --rounds rounds (1w, 2w all, head, none,
+gloo, then again); scaling figures are medians over rounds with min-max.
 Overhead = 1 - ray-1w / plain (and 1 - ray-1w-1t / plain-1t); scaling = ray-2w-1t / ray-1w-1t (each worker on its own core
 with torch threads = 1, so the ratio measures data parallelism, not thread contention).
 The precision section times 4-step epochs in this process, fp32 vs bf16-mixed (all cores,
 then 1 thread).
 
-    python bench/ray_overhead.py [--epochs 4] [--pairs 1024] [--out bench/results/ray_overhead.json]
+    python bench/ray_overhead.py [--epochs 4] [--pairs 1024] [--rounds 2] [--out bench/results/ray_overhead.json]
 """
 
 from __future__ import annotations
@@ -46,6 +51,15 @@ from commlab.train.local import checkpoint_payload
 from commlab.train.loop import PretrainRun
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+SCALING_CASES = [  # (label, workers, batchnorm_sync), interleaved per round
+    ("ray-1w-1t", 1, "all"),
+    ("ray-2w-1t", 2, "all"),
+    ("ray-2w-1t-head", 2, "head"),
+    ("ray-2w-1t-none", 2, "none"),
+    ("gloo-2w-1t-none", 2, "none"),
+]
 
 
 def make_config(data_root: Path, pairs: int, epochs: int, *extra: str) -> ExperimentConfig:
@@ -157,6 +171,57 @@ def run_ceiling(cfg: ExperimentConfig, procs: int) -> dict[str, Any]:
     return {"procs": procs, "loop_samples_per_s_each": rates, "loop_samples_per_s": sum(rates)}
 
 
+def _gloo_worker(rank: int, world: int, port: int, cfg_json: dict[str, Any], q: Any) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as tdist
+
+    from commlab.train.loop import WorkerContext
+    from commlab.train.worker import build_run
+
+    torch.set_num_threads(1)
+    tdist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=300),
+    )
+    try:
+        cfg = ExperimentConfig.model_validate(cfg_json)
+        run = build_run(cfg, WorkerContext(rank=rank, world_size=world))
+        rates = [run.run_epoch(e)["perf/samples_per_s"] for e in range(cfg.train.epochs)]
+        if rank == 0:
+            q.put(statistics.median(rates[1:]))
+    finally:
+        tdist.destroy_process_group()
+
+
+def run_gloo(cfg: ExperimentConfig, workers: int, scope: str) -> dict[str, Any]:
+    """The Ray workers' training code on `workers` plain processes joined by gloo on loopback
+    (no Ray): rank 0's loop throughput, first epoch excluded."""
+    import multiprocessing as mp
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    c = cfg.model_copy(deep=True)
+    c.train.batchnorm_sync = scope  # type: ignore[assignment]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ps = [
+        ctx.Process(target=_gloo_worker, args=(r, workers, port, c.model_dump(mode="json"), q))
+        for r in range(workers)
+    ]
+    for p in ps:
+        p.start()
+    rate = q.get(timeout=600)
+    for p in ps:
+        p.join()
+    return {"workers": workers, "batchnorm_sync": scope, "loop_samples_per_s": rate}
+
+
 def precision_case(cfg: ExperimentConfig, precision: str, threads: int) -> dict[str, Any]:
     c = cfg.model_copy(deep=True)
     c.train.precision = precision
@@ -197,6 +262,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--pairs", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the scaling cases")
     ap.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "commlab-bench")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ray_overhead.json")
     args = ap.parse_args()
@@ -212,6 +278,7 @@ def main() -> None:
     full = make_config(data, args.pairs, args.epochs, f"train.threads={cores}")
     one = make_config(data, args.pairs, args.epochs, "train.threads=1")
     results: dict[str, Any] = {"machine": machine(), "workload": {}, "cases": {}}
+    per_round: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in SCALING_CASES}
     results["workload"] = {
         "config": "configs/trifeatures/smoke.yaml (32 px, conv width 16, embed 64)",
         "pairs": args.pairs,
@@ -230,19 +297,21 @@ def main() -> None:
         results["ceiling_2p"] = with_load(run_ceiling, one, 2)
         ray.init(num_cpus=cores, include_dashboard=False)
         try:
-            for label, cfg, workers, cpus, scope in [
-                ("ray-1w", full, 1, float(cores), "all"),
-                ("ray-1w-1t", one, 1, 1.0, "all"),
-                ("ray-2w-1t", one, 2, 1.0, "all"),
-                ("ray-2w-1t-head", one, 2, 1.0, "head"),
-                ("ray-2w-1t-none", one, 2, 1.0, "none"),
-            ]:
-                print(f"{label} ...", flush=True)
-                results["cases"][label] = with_load(
-                    run_ray, cfg, workers, cpus, root / "ray", scope
-                )
+            print("ray-1w ...", flush=True)
+            results["cases"]["ray-1w"] = with_load(run_ray, full, 1, float(cores), root / "ray")
+            for r in range(args.rounds):
+                for label, workers, scope in SCALING_CASES:
+                    print(f"{label} (round {r + 1}/{args.rounds}) ...", flush=True)
+                    if label.startswith("gloo"):
+                        out = with_load(run_gloo, one, workers, scope)
+                    else:
+                        storage = root / f"ray-round{r}"  # each round's own checkpoints
+                        out = with_load(run_ray, one, workers, 1.0, storage, scope)
+                    per_round[label].append(out)
         finally:
             ray.shutdown()
+        for label, runs in per_round.items():
+            results["cases"][label] = {**runs[-1], "rounds": runs}
         print("precision ...", flush=True)
         results["precision"] = [
             with_load(precision_case, full, p, t)
@@ -258,21 +327,36 @@ def main() -> None:
     results["ray_overhead_1t"] = (
         1.0 - c["ray-1w-1t"]["samples_per_s"] / c["plain-1t"]["samples_per_s"]
     )
-    results["scaling_2w_vs_1w"] = c["ray-2w-1t"]["samples_per_s"] / c["ray-1w-1t"]["samples_per_s"]
+
+    def ratios(label: str, key: str) -> dict[str, Any]:
+        """label / ray-1w-1t per round on `key`: median, min, max, the rounds."""
+        xs = [
+            a[key] / b[key] for a, b in zip(per_round[label], per_round["ray-1w-1t"], strict=True)
+        ]
+        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "rounds": xs}
+
+    results["scaling_2w_vs_1w"] = ratios("ray-2w-1t", "samples_per_s")["median"]
     results["ceiling_2p_vs_1"] = (
         results["ceiling_2p"]["loop_samples_per_s"] / c["plain-1t"]["loop_samples_per_s"]
     )
-    results["scaling_2w_vs_1w_loop"] = (
-        c["ray-2w-1t"]["loop_samples_per_s"] / c["ray-1w-1t"]["loop_samples_per_s"]
-    )
+    results["scaling_2w_vs_1w_loop"] = ratios("ray-2w-1t", "loop_samples_per_s")["median"]
     results["scaling_2w_vs_1w_by_batchnorm_sync"] = {
-        scope: c[label]["samples_per_s"] / c["ray-1w-1t"]["samples_per_s"]
+        scope: ratios(label, "samples_per_s")
         for scope, label in (
             ("all", "ray-2w-1t"),
             ("head", "ray-2w-1t-head"),
             ("none", "ray-2w-1t-none"),
         )
     }
+    results["scaling_2w_vs_1w_loop_by_batchnorm_sync"] = {
+        scope: ratios(label, "loop_samples_per_s")
+        for scope, label in (
+            ("all", "ray-2w-1t"),
+            ("head", "ray-2w-1t-head"),
+            ("none", "ray-2w-1t-none"),
+        )
+    }
+    results["scaling_2w_without_ray_loop"] = ratios("gloo-2w-1t-none", "loop_samples_per_s")
     results["scaling_2w_vs_plain"] = c["ray-2w-1t"]["samples_per_s"] / c["plain"]["samples_per_s"]
     by = {(p["precision"], p["threads"]): p["samples_per_s"] for p in results["precision"]}
     results["bf16_speedup"] = {str(t): by[("bf16-mixed", t)] / by[("fp32", t)] for t in (cores, 1)}
@@ -282,6 +366,9 @@ def main() -> None:
         "  load before/after"
     )
     for label, r in c.items():
+        if "samples_per_s" not in r:  # no Ray: the loop only
+            print(f"{label:<17} {'':>10} {r['loop_samples_per_s']:>9.1f}")
+            continue
         print(
             f"{label:<17} {r['samples_per_s']:>10.1f} {r['loop_samples_per_s']:>9.1f} "
             f"{r['epoch_wall_s']:>8.2f} {r['startup_s']:>10.1f}  {r['loadavg_1m']}"
@@ -295,8 +382,19 @@ def main() -> None:
         f"2 workers vs 1 (1 thread each): {results['scaling_2w_vs_1w']:.2f}x (target >= 1.6x); "
         f"2 workers vs plain {cores} threads: {results['scaling_2w_vs_plain']:.2f}x"
     )
+    loops = results["scaling_2w_vs_1w_loop_by_batchnorm_sync"]
     for scope, ratio in results["scaling_2w_vs_1w_by_batchnorm_sync"].items():
-        print(f"  train.batchnorm_sync={scope}: {ratio:.2f}x")
+        lp = loops[scope]
+        print(
+            f"  train.batchnorm_sync={scope}: {ratio['median']:.2f}x "
+            f"({ratio['min']:.2f}-{ratio['max']:.2f} over {args.rounds} rounds); "
+            f"training steps only {lp['median']:.2f}x ({lp['min']:.2f}-{lp['max']:.2f})"
+        )
+    g = results["scaling_2w_without_ray_loop"]
+    print(
+        f"  the same 2 workers without Ray (gloo on loopback, sync none), training steps only: "
+        f"{g['median']:.2f}x ({g['min']:.2f}-{g['max']:.2f})"
+    )
     print(
         f"  ceiling now: 2 independent processes (no communication) vs 1: "
         f"{results['ceiling_2p_vs_1']:.2f}x (training steps only)"
