@@ -132,3 +132,9 @@ def test_encoder_layer_under_bf16_autocast():
         y = ours(x)
     y.float().sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0])
+def test_keep_mask_refuses_p_outside_zero_one(p):
+    with pytest.raises(ValueError, match=r"p in \[0, 1\)"):
+        keep_mask((4,), p, torch.device("cpu"))
