@@ -138,3 +138,22 @@ def test_encoder_layer_under_bf16_autocast():
 def test_keep_mask_refuses_p_outside_zero_one(p):
     with pytest.raises(ValueError, match=r"p in \[0, 1\)"):
         keep_mask((4,), p, torch.device("cpu"))
+
+
+def test_large_masks_drawn_in_parallel_follow_the_seed_and_keep_one_minus_p():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # large draws split over the intra-op thread count
+    try:
+        shape = (1024, 2048)  # 2^21 elements: 2^19 words, above the parallel threshold
+        torch.manual_seed(11)
+        a = keep_mask(shape, 0.1, torch.device("cpu"))
+        torch.manual_seed(11)
+        b = keep_mask(shape, 0.1, torch.device("cpu"))
+        c = keep_mask(shape, 0.1, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    halves = a.view(2, -1).float().mean(1)  # each generator's part keeps 0.9
+    assert torch.all((halves - 0.9).abs() < 0.002), halves
+    # the parts are not copies of each other
+    assert not torch.equal(a[:512], a[512:])

@@ -12,11 +12,38 @@ Measured on a 2-core AMX Xeon, (3200, 2048) fp32: torch's dropout 39 ms, `dropou
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+_PARALLEL_MIN_WORDS = 1 << 18  # below this, one generator is faster than handing off work
+_pool: ThreadPoolExecutor | None = None
+
+
+def _random_words(n: int, device: torch.device) -> Tensor:
+    """n int64 words with all 64 bits uniform, from torch's default generator. Large CPU
+    draws are split over torch's intra-op thread count: one seed drawn from the default
+    generator seeds a generator per part (torch's CPU generator is sequential; the intra-op
+    threads idle while it runs), so torch.manual_seed still reproduces every mask."""
+    words = torch.empty(n, dtype=torch.int64, device=device)
+    parts = min(torch.get_num_threads(), 4)
+    if device.type != "cpu" or parts < 2 or n < _PARALLEL_MIN_WORDS:
+        return words.random_(-(2**63), 2**63 - 1)
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(4, thread_name_prefix="commlab-dropout-rng")
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+
+    def fill(k: int, chunk: Tensor) -> None:
+        gen = torch.Generator().manual_seed(seed + k)
+        chunk.random_(-(2**63), 2**63 - 1, generator=gen)
+
+    for f in [_pool.submit(fill, k, c) for k, c in enumerate(words.chunk(parts))]:
+        f.result()
+    return words
 
 
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> Tensor:
@@ -26,10 +53,8 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
     n = 1
     for s in shape:
         n *= s
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), 2**63 - 1)  # all 64 bits uniform: four uniform int16 lanes
-    lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes >= round(p * 2**16) - 2**15
+    lanes = _random_words((n + 3) // 4, device).view(torch.int16)[:n].view(shape)
+    return lanes >= round(p * 2**16) - 2**15  # four uniform int16 lanes per word
 
 
 class _KeepScale(torch.autograd.Function):
@@ -76,7 +101,9 @@ class _ReluKeepScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (y,) = ctx.saved_tensors
-        return grad.mul((y > 0).view(torch.uint8)).mul_(ctx.scale), None, None
+        # ReLU's own backward kernel (grad where y > 0), 4x faster than a masked multiply in bf16
+        grad_x = torch.ops.aten.threshold_backward(grad, y, 0)
+        return grad_x.mul_(ctx.scale), None, None
 
 
 def relu_dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
