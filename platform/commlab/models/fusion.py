@@ -38,10 +38,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: flo
     """
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout
             )
-        return y
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
@@ -143,10 +142,23 @@ class FusionTransformer(nn.Module):
         """(B, L) True = token present, or None when no modality has padding."""
         if all(p is None for p in pads):
             return None
+        return FusionTransformer._present_mask(tokens, pads)
+
+    @staticmethod
+    def _present_mask(tokens: list[Tensor], pads: list[Tensor | None]) -> Tensor:
+        """(B, L) True = token present, also when no modality has padding."""
         parts = []
         for t, p in zip(tokens, pads, strict=True):
             parts.append(~p if p is not None else t.new_ones(t.shape[:2], dtype=torch.bool))
         return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def _selected(
+        tokens: list[Tensor], pads: list[Tensor | None], mask: list[bool]
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        """The tokens and pads of the modalities `mask` keeps."""
+        keep = [i for i, f in enumerate(mask) if f]
+        return [tokens[i] for i in keep], [pads[i] for i in keep]
 
     def forward(
         self,
@@ -175,9 +187,7 @@ class FusionTransformer(nn.Module):
         filler = x.new_zeros(b, 1, x.shape[-1])
         cls = self.cls.expand(b, -1, -1).to(x.dtype) if self.cls is not None else filler
         table = torch.cat([filler, cls, x], dim=1)  # index 0 filler, 1 CLS, 2.. tokens
-        present = self._present(tokens, pads)
-        if present is None:
-            present = x.new_ones(x.shape[:2], dtype=torch.bool)
+        present = self._present_mask(tokens, pads)
         valid = torch.cat([present.new_zeros(b, 1), present.new_ones(b, 1), present], dim=1)
         xr = (
             table[:, src.flatten()]
@@ -215,8 +225,7 @@ class FusionTransformer(nn.Module):
         self._check_masks(masks, len(tokens))
         outs = []
         for m in masks:
-            ts = [t for t, f in zip(tokens, m, strict=True) if f]
-            ps = [p for p, f in zip(pads, m, strict=True) if f]
+            ts, ps = self._selected(tokens, pads, m)
             outs.append(self._run(torch.cat(ts, dim=1), self._present(ts, ps)))
         return outs
 
@@ -228,31 +237,18 @@ class FusionTransformer(nn.Module):
         token count: 2 instead of n_mod + 1), no attention mask beyond padding. Rows never
         interact, so the numbers are the sequential path's."""
         self._check_masks(masks, len(tokens))
-        selected = []
-        for m in masks:
-            ts = [t for t, f in zip(tokens, m, strict=True) if f]
-            ps = [p for p, f in zip(pads, m, strict=True) if f]
-            selected.append((torch.cat(ts, dim=1), self._present(ts, ps)))
+        selected = [self._selected(tokens, pads, m) for m in masks]
         groups: dict[int, list[int]] = {}
-        for k, (x, _) in enumerate(selected):
-            groups.setdefault(x.shape[1], []).append(k)
-        outs: list[Tensor | None] = [None] * len(masks)
+        for k, (ts, _) in enumerate(selected):
+            groups.setdefault(sum(t.shape[1] for t in ts), []).append(k)
+        outs: dict[int, Tensor] = {}
         for ks in groups.values():
-            x = torch.cat([selected[k][0] for k in ks])
-            presents = [selected[k][1] for k in ks]
-            present = None
-            if any(p is not None for p in presents):
-                present = torch.cat(
-                    [
-                        p
-                        if p is not None
-                        else selected[k][0].new_ones(selected[k][0].shape[:2], dtype=torch.bool)
-                        for k, p in zip(ks, presents, strict=True)
-                    ]
-                )
+            x = torch.cat([torch.cat(selected[k][0], dim=1) for k in ks])
+            padded = any(p is not None for k in ks for p in selected[k][1])
+            present = torch.cat([self._present_mask(*selected[k]) for k in ks]) if padded else None
             for k, y in zip(ks, self._run(x, present).chunk(len(ks)), strict=True):
                 outs[k] = y
-        return [o for o in outs if o is not None]
+        return [outs[k] for k in range(len(masks))]
 
     @staticmethod
     def _check_masks(masks: list[list[bool]], n_mod: int) -> None:

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from commlab.models.norm import batch_norm_groups
+from commlab.objectives.base import to_fp32
 
 
 class ProjectionHead(nn.Module):
@@ -32,17 +33,13 @@ class ProjectionHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return self.net(_fp32(x))
+            return self.net(to_fp32(x))
 
     def forward_groups(self, x: Tensor) -> Tensor:
         """(G, B, in_dim) -> (G, B, out_dim): the head on each of G batches, BatchNorm
         statistics per batch, in one pass (one statistics collective per layer, not G)."""
         with torch.autocast(x.device.type, enabled=False):
-            x = _fp32(x)
+            x = to_fp32(x)
             for layer in self.net:
                 x = batch_norm_groups(layer, x) if isinstance(layer, _BatchNorm) else layer(x)
         return x
-
-
-def _fp32(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x

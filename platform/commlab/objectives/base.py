@@ -63,11 +63,12 @@ F_ = TypeVar("F_", bound=Callable[..., Any])
 _LOW = (torch.bfloat16, torch.float16)
 
 
-def _to_fp32(x: Any) -> Any:
+def to_fp32(x: Any) -> Any:
+    """`x` with its bf16 / fp16 tensors (also inside lists and tuples) as float32."""
     if isinstance(x, Tensor):
         return x.float() if x.dtype in _LOW else x
     if isinstance(x, list | tuple):
-        return type(x)(_to_fp32(v) for v in x)
+        return type(x)(to_fp32(v) for v in x)
     return x
 
 
@@ -91,6 +92,6 @@ def in_fp32(fn: F_) -> F_:
         first = _first_tensor([*args, *kwargs.values()])
         device = first.device.type if first is not None else "cpu"
         with torch.autocast(device, enabled=False):
-            return fn(*_to_fp32(args), **{k: _to_fp32(v) for k, v in kwargs.items()})
+            return fn(*to_fp32(args), **{k: to_fp32(v) for k, v in kwargs.items()})
 
     return wrapped  # type: ignore[return-value]
