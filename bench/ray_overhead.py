@@ -35,9 +35,11 @@ then 1 thread).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +53,7 @@ from commlab.train.local import checkpoint_payload
 from commlab.train.loop import PretrainRun
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.gloo: the distributed tests' gloo runner
 
 
 SCALING_CASES = [  # (label, workers, batchnorm_sync), interleaved per round
@@ -171,55 +174,34 @@ def run_ceiling(cfg: ExperimentConfig, procs: int) -> dict[str, Any]:
     return {"procs": procs, "loop_samples_per_s_each": rates, "loop_samples_per_s": sum(rates)}
 
 
-def _gloo_worker(rank: int, world: int, port: int, cfg_json: dict[str, Any], q: Any) -> None:
-    from datetime import timedelta
-
-    import torch.distributed as tdist
-
+def _gloo_rate(cfg_json: dict[str, Any], rank: int) -> float | None:
+    """One gloo worker of `run_gloo`: the Ray workers' own training code (`build_run`)."""
     from commlab.train.loop import WorkerContext
     from commlab.train.worker import build_run
 
-    torch.set_num_threads(1)
-    tdist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=300),
-    )
-    try:
-        cfg = ExperimentConfig.model_validate(cfg_json)
-        run = build_run(cfg, WorkerContext(rank=rank, world_size=world))
-        rates = [run.run_epoch(e)["perf/samples_per_s"] for e in range(cfg.train.epochs)]
-        if rank == 0:
-            q.put(statistics.median(rates[1:]))
-    finally:
-        tdist.destroy_process_group()
+    cfg = ExperimentConfig.model_validate(cfg_json)
+    world = torch.distributed.get_world_size()  # run_on_workers brought the group up
+    run = build_run(cfg, WorkerContext(rank=rank, world_size=world))
+    rates = [run.run_epoch(e)["perf/samples_per_s"] for e in range(cfg.train.epochs)]
+    return statistics.median(rates[1:]) if rank == 0 else None
 
 
 def run_gloo(cfg: ExperimentConfig, workers: int, scope: str) -> dict[str, Any]:
     """The Ray workers' training code on `workers` plain processes joined by gloo on loopback
-    (no Ray): rank 0's loop throughput, first epoch excluded."""
-    import multiprocessing as mp
-    import socket
+    (no Ray; the distributed tests' runner, tests/gloo.py): rank 0's loop throughput, first
+    epoch excluded."""
+    from tests.gloo import run_on_workers
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
     c = cfg.model_copy(deep=True)
     c.train.batchnorm_sync = scope  # type: ignore[assignment]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    ps = [
-        ctx.Process(target=_gloo_worker, args=(r, workers, port, c.model_dump(mode="json"), q))
-        for r in range(workers)
-    ]
-    for p in ps:
-        p.start()
-    rate = q.get(timeout=600)
-    for p in ps:
-        p.join()
-    return {"workers": workers, "batchnorm_sync": scope, "loop_samples_per_s": rate}
+    with tempfile.TemporaryDirectory() as out:
+        rates = run_on_workers(
+            functools.partial(_gloo_rate, c.model_dump(mode="json")),
+            Path(out),
+            world=workers,
+            timeout_s=300,
+        )
+    return {"workers": workers, "batchnorm_sync": scope, "loop_samples_per_s": rates[0]}
 
 
 def precision_case(cfg: ExperimentConfig, precision: str, threads: int) -> dict[str, Any]:
