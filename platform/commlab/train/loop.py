@@ -21,6 +21,7 @@ import copy
 import hashlib
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,17 @@ from commlab.train.checkpoint import rng_state, set_rng_state
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the message names the step and the term."""
+
+
+def say(line: str) -> None:
+    """Write one progress line to stdout and flush.
+
+    Not through `print`: Ray Train V2 replaces `print` in its workers with one that writes to
+    the worker's stdout (which Ray already forwards to the driver) and also to Train's logger
+    (forwarded again), so every line reached the user's terminal twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 @dataclass
@@ -275,7 +287,7 @@ class PretrainRun:
             self.compiled = True
             self.settings_note += ", compiled"
         if self.ctx.rank == 0:
-            print(f"[commlab] {self.settings_note}", flush=True)
+            say(f"[commlab] {self.settings_note}")
 
     def _time_fusion(self, options: dict[str, Callable[[], Any]], va: Any) -> str:
         def under_precision(fn: Callable[[], Any]) -> Callable[[], None]:

@@ -46,7 +46,7 @@ from commlab.tags import ATTEMPTS_TAG, RESUMED_FROM_EPOCH_TAG, WORKERS_TAG
 from commlab.tracking import RunLogger
 from commlab.train.checkpoint import rng_state, set_rng_state
 from commlab.train.epoch_end import checkpoint_payload, format_progress
-from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext
+from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext, say
 
 
 # ---------------------------------------------------------------- synchronised BatchNorm
@@ -218,7 +218,7 @@ def run_training(
     def on_epoch_end(epoch: int, metrics: dict[str, float], r: PretrainRun) -> None:
         def log() -> None:
             if ctx.rank == 0:
-                print(format_progress(epoch, cfg.train.epochs, metrics), flush=True)
+                say(format_progress(epoch, cfg.train.epochs, metrics))
                 if logger is not None:
                     logger.log_epoch(epoch, metrics)
 
