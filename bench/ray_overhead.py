@@ -13,6 +13,8 @@ global batch 128, no probing. Every case trains the same epochs with a checkpoin
   ray-2w-1t-head  the same with only the projection head's BatchNorm synced (batchnorm_sync=head)
   ray-2w-1t-none  the same with per-worker BatchNorm statistics everywhere (batchnorm_sync=none)
 
+Ray runs as commlab starts it (`cluster.connect`: embedded, with the dashboard, whose State API
+Ray Train's placement-group cleaner polls; without it the cleaner retries and logs all the time).
 Throughput is samples per second of *wall time per epoch in steady state*: the median interval
 between consecutive epoch checkpoints (`created_at` inside checkpoint.pt), first epoch excluded,
 so it includes reporting and checkpointing but not Ray's one-off startup (reported apart).
@@ -22,10 +24,12 @@ so it includes reporting and checkpointing but not Ray's one-off startup (report
   gloo-2w-1t-none  2 processes in a gloo process group on loopback, without Ray: the same
                worker code (build_run: DDP, gathered negatives, batchnorm_sync=none), so the
                difference to ray-2w-1t-none is what running under Ray Train costs
-The 1-worker and 2-worker cases run interleaved over --rounds rounds (1w, 2w all, head, none,
-gloo, then again); scaling figures are medians over rounds with min-max.
-Overhead = 1 - ray-1w / plain (and 1 - ray-1w-1t / plain-1t); scaling = ray-2w-1t / ray-1w-1t (each worker on its own core
-with torch threads = 1, so the ratio measures data parallelism, not thread contention).
+The 1-thread cases run interleaved over --rounds rounds (plain-1t, ceiling, 1w, 2w all, head,
+none, gloo, then again; this machine's speed drifts by tens of percent within minutes); their
+figures are medians of per-round ratios with min-max. Overhead = 1 - ray-1w / plain (once) and
+1 - ray-1w-1t / plain-1t (per round); scaling = ray-2w-1t / ray-1w-1t (each worker on its own
+core with torch threads = 1, so the ratio measures data parallelism, not thread contention);
+ceiling = ceiling-2p / plain-1t.
 The precision section times 4-step epochs in this process, fp32 vs bf16-mixed (all cores,
 then 1 thread).
 
@@ -47,6 +51,7 @@ from typing import Any
 
 import torch
 
+from commlab.cluster import connect
 from commlab.config import ExperimentConfig, apply_overrides, load_config, validate_config
 from commlab.train.checkpoint import load_checkpoint, save_checkpoint
 from commlab.train.local import checkpoint_payload
@@ -57,6 +62,8 @@ sys.path.insert(0, str(REPO))  # tests.gloo: the distributed tests' gloo runner
 
 
 SCALING_CASES = [  # (label, workers, batchnorm_sync), interleaved per round
+    ("plain-1t", 1, ""),
+    ("ceiling-2p", 2, ""),
     ("ray-1w-1t", 1, "all"),
     ("ray-2w-1t", 2, "all"),
     ("ray-2w-1t-head", 2, "head"),
@@ -273,18 +280,18 @@ def main() -> None:
         root = Path(tmp)
         print("plain (in-process) ...", flush=True)
         results["cases"]["plain"] = with_load(run_plain, full, root)
-        print("plain-1t (in-process, 1 thread) ...", flush=True)
-        results["cases"]["plain-1t"] = with_load(run_plain, one, root)
-        print("ceiling (2 independent processes, 1 thread each) ...", flush=True)
-        results["ceiling_2p"] = with_load(run_ceiling, one, 2)
-        ray.init(num_cpus=cores, include_dashboard=False)
+        connect(num_cpus=cores)  # as `commlab` starts Ray: embedded, dashboard on
         try:
             print("ray-1w ...", flush=True)
             results["cases"]["ray-1w"] = with_load(run_ray, full, 1, float(cores), root / "ray")
             for r in range(args.rounds):
                 for label, workers, scope in SCALING_CASES:
                     print(f"{label} (round {r + 1}/{args.rounds}) ...", flush=True)
-                    if label.startswith("gloo"):
+                    if label == "plain-1t":
+                        out = with_load(run_plain, one, root)
+                    elif label == "ceiling-2p":
+                        out = with_load(run_ceiling, one, workers)
+                    elif label.startswith("gloo"):
                         out = with_load(run_gloo, one, workers, scope)
                     else:
                         storage = root / f"ray-round{r}"  # each round's own checkpoints
@@ -294,6 +301,7 @@ def main() -> None:
             ray.shutdown()
         for label, runs in per_round.items():
             results["cases"][label] = {**runs[-1], "rounds": runs}
+        results["ceiling_2p"] = results["cases"].pop("ceiling-2p")
         print("precision ...", flush=True)
         results["precision"] = [
             with_load(precision_case, full, p, t)
@@ -306,21 +314,16 @@ def main() -> None:
     results["ray_loop_overhead"] = (
         1.0 - c["ray-1w"]["loop_samples_per_s"] / c["plain"]["loop_samples_per_s"]
     )
-    results["ray_overhead_1t"] = (
-        1.0 - c["ray-1w-1t"]["samples_per_s"] / c["plain-1t"]["samples_per_s"]
-    )
 
-    def ratios(label: str, key: str) -> dict[str, Any]:
-        """label / ray-1w-1t per round on `key`: median, min, max, the rounds."""
-        xs = [
-            a[key] / b[key] for a, b in zip(per_round[label], per_round["ray-1w-1t"], strict=True)
-        ]
+    def ratios(label: str, key: str, base: str = "ray-1w-1t") -> dict[str, Any]:
+        """label / base per round on `key`: median, min, max, the rounds."""
+        xs = [a[key] / b[key] for a, b in zip(per_round[label], per_round[base], strict=True)]
         return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "rounds": xs}
 
+    results["ray_overhead_1t"] = 1.0 - ratios("ray-1w-1t", "samples_per_s", "plain-1t")["median"]
+
     results["scaling_2w_vs_1w"] = ratios("ray-2w-1t", "samples_per_s")["median"]
-    results["ceiling_2p_vs_1"] = (
-        results["ceiling_2p"]["loop_samples_per_s"] / c["plain-1t"]["loop_samples_per_s"]
-    )
+    results["ceiling_2p_vs_1"] = ratios("ceiling-2p", "loop_samples_per_s", "plain-1t")
     results["scaling_2w_vs_1w_loop"] = ratios("ray-2w-1t", "loop_samples_per_s")["median"]
     results["scaling_2w_vs_1w_by_batchnorm_sync"] = {
         scope: ratios(label, "samples_per_s")
@@ -359,7 +362,10 @@ def main() -> None:
         f"Ray Train overhead, 1 worker vs plain: {100 * results['ray_overhead']:.1f} % (target <= 10 %)"
     )
     print(f"  (training steps only: {100 * results['ray_loop_overhead']:.1f} %)")
-    print(f"  with 1 thread (plain-1t vs ray-1w-1t): {100 * results['ray_overhead_1t']:.1f} %")
+    print(
+        f"  with 1 thread (plain-1t vs ray-1w-1t, interleaved): "
+        f"{100 * results['ray_overhead_1t']:.1f} %"
+    )
     print(
         f"2 workers vs 1 (1 thread each): {results['scaling_2w_vs_1w']:.2f}x (target >= 1.6x); "
         f"2 workers vs plain {cores} threads: {results['scaling_2w_vs_plain']:.2f}x"
@@ -377,9 +383,10 @@ def main() -> None:
         f"  the same 2 workers without Ray (gloo on loopback, sync none), training steps only: "
         f"{g['median']:.2f}x ({g['min']:.2f}-{g['max']:.2f})"
     )
+    ceil = results["ceiling_2p_vs_1"]
     print(
-        f"  ceiling now: 2 independent processes (no communication) vs 1: "
-        f"{results['ceiling_2p_vs_1']:.2f}x (training steps only)"
+        f"  ceiling: 2 independent processes (no communication) vs 1 in-process: "
+        f"{ceil['median']:.2f}x ({ceil['min']:.2f}-{ceil['max']:.2f}; training steps only)"
     )
     for p in results["precision"]:
         print(
