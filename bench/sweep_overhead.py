@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument(
         "--rounds",
         type=int,
-        default=1,
+        default=2,
         help="rounds of (reused trial processes, a fresh process per trial), interleaved",
     )
     ap.add_argument("--out", default="bench/results/sweep_overhead.json")
