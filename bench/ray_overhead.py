@@ -70,6 +70,7 @@ SCALING_CASES = [  # (label, workers, batchnorm_sync), interleaved per round
     ("ray-2w-1t-none", 2, "none"),
     ("gloo-2w-1t-none", 2, "none"),
 ]
+SYNC_SCOPE_CASES = {"all": "ray-2w-1t", "head": "ray-2w-1t-head", "none": "ray-2w-1t-none"}
 
 
 def make_config(data_root: Path, pairs: int, epochs: int, *extra: str) -> ExperimentConfig:
@@ -322,25 +323,11 @@ def main() -> None:
 
     results["ray_overhead_1t"] = 1.0 - ratios("ray-1w-1t", "samples_per_s", "plain-1t")["median"]
 
-    results["scaling_2w_vs_1w"] = ratios("ray-2w-1t", "samples_per_s")["median"]
     results["ceiling_2p_vs_1"] = ratios("ceiling-2p", "loop_samples_per_s", "plain-1t")
-    results["scaling_2w_vs_1w_loop"] = ratios("ray-2w-1t", "loop_samples_per_s")["median"]
-    results["scaling_2w_vs_1w_by_batchnorm_sync"] = {
-        scope: ratios(label, "samples_per_s")
-        for scope, label in (
-            ("all", "ray-2w-1t"),
-            ("head", "ray-2w-1t-head"),
-            ("none", "ray-2w-1t-none"),
-        )
-    }
-    results["scaling_2w_vs_1w_loop_by_batchnorm_sync"] = {
-        scope: ratios(label, "loop_samples_per_s")
-        for scope, label in (
-            ("all", "ray-2w-1t"),
-            ("head", "ray-2w-1t-head"),
-            ("none", "ray-2w-1t-none"),
-        )
-    }
+    for suffix, key in (("", "samples_per_s"), ("_loop", "loop_samples_per_s")):
+        by_scope = {scope: ratios(label, key) for scope, label in SYNC_SCOPE_CASES.items()}
+        results[f"scaling_2w_vs_1w{suffix}_by_batchnorm_sync"] = by_scope
+        results[f"scaling_2w_vs_1w{suffix}"] = by_scope["all"]["median"]
     results["scaling_2w_without_ray_loop"] = ratios("gloo-2w-1t-none", "loop_samples_per_s")
     results["scaling_2w_vs_plain"] = c["ray-2w-1t"]["samples_per_s"] / c["plain"]["samples_per_s"]
     by = {(p["precision"], p["threads"]): p["samples_per_s"] for p in results["precision"]}
