@@ -105,6 +105,21 @@ def _checks(rank: int) -> dict[str, Any]:
     (gathered * weights).sum().backward()
     res["uneven"] = {"gathered": gathered.detach(), "grad": x.grad, "weights": weights}
     res["no_grad"] = dist.gather_no_grad(x)
+    x_same = x.detach().clone().requires_grad_()
+    (dist.gather_with_grad(x_same, identical_loss=True) * weights).sum().backward()
+    res["uneven"]["grad_identical_loss"] = x_same.grad
+
+    # a loss that differs by rank: the general backward sums every rank's gradient; the
+    # identical-loss one communicates nothing and so scales this rank's own
+    summed = torch.ones((2, 2), dtype=torch.float64, requires_grad=True)
+    scaled = torch.ones((2, 2), dtype=torch.float64, requires_grad=True)
+    (dist.gather_with_grad(summed) * (rank + 1)).sum().backward()
+    (dist.gather_with_grad(scaled, identical_loss=True) * (rank + 1)).sum().backward()
+    res["rank_dependent"] = {"summed": summed.grad, "scaled": scaled.grad}
+    res["sizes"] = dist.gather_sizes(rank + 5)
+    with dist.equal_batch_sizes():  # the caller vouches for equal sizes: none are exchanged
+        res["sizes_vouched"] = dist.gather_sizes(rank + 5)
+    res["sizes_after"] = dist.gather_sizes(rank + 5)
     res["mean"] = dist.all_reduce_mean(torch.tensor([float(rank)]))
     mine = torch.tensor([float(rank + 1)])
     later = dist.all_reduce_sum_later(mine)
@@ -145,6 +160,25 @@ def test_gather_handles_uneven_sizes(results: list[dict[str, Any]]) -> None:
         # both ranks backprop the same weights: the summed grad is WORLD x this rank's rows
         rows = res["uneven"]["weights"][starts[rank] : starts[rank] + rank + 2]
         torch.testing.assert_close(res["uneven"]["grad"], WORLD * rows)
+        torch.testing.assert_close(res["uneven"]["grad_identical_loss"], WORLD * rows)
+
+
+def test_identical_loss_gather_backward_communicates_nothing(
+    results: list[dict[str, Any]],
+) -> None:
+    for rank, res in enumerate(results):
+        grads = res["rank_dependent"]
+        # loss = (rank + 1) * sum: ranks 0 and 1 send back 1 and 2 per element
+        torch.testing.assert_close(grads["summed"], torch.full((2, 2), 3.0, dtype=torch.float64))
+        expected = torch.full((2, 2), WORLD * (rank + 1.0), dtype=torch.float64)
+        torch.testing.assert_close(grads["scaled"], expected)
+
+
+def test_equal_batch_sizes_skips_the_size_exchange(results: list[dict[str, Any]]) -> None:
+    for rank, res in enumerate(results):
+        assert res["sizes"] == [5, 6]
+        assert res["sizes_vouched"] == [rank + 5] * WORLD
+        assert res["sizes_after"] == [5, 6]
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -5,15 +5,23 @@ training code call them unconditionally. Works with gloo on CPU and NCCL on GPU.
 
 Contrastive losses gather embeddings across workers so that every rank sees the global batch as
 negatives (SimCLR, Chen et al. ICML 2020; CoMM, Dufumier et al. ICLR 2025). `gather_with_grad`
-keeps the graph: every rank computes the same global loss, its backward all-reduces (sums) the
-incoming gradient and keeps this rank's rows, so each rank's local gradient is world_size x the
-single-process one and DDP's gradient averaging cancels the factor.
+keeps the graph: its backward all-reduces (sums) the incoming gradient and keeps this rank's rows.
+When every rank computes the same loss of the gathered tensor (`identical_loss=True`, as every
+commlab objective does: the loss over the global batch), the incoming gradient is the same on
+every rank, so that sum is world_size x it and the backward scales it without communicating.
+Either way each rank's local gradient is world_size x the single-process one and DDP's gradient
+averaging cancels the factor.
+
+Per-rank batch sizes are exchanged before each gather (all_gather needs equal shapes); inside
+`equal_batch_sizes()`, a caller that knows every rank holds the same number of rows skips that
+collective.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -56,30 +64,37 @@ def _all_gather_cat(x: Tensor) -> tuple[Tensor, list[int]]:
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, identical_loss: bool) -> Tensor:
         out, sizes = _all_gather_cat(x)
         rank = get_rank()
         ctx.start = sum(sizes[:rank])
         ctx.stop = ctx.start + sizes[rank]
+        ctx.identical_loss = identical_loss
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        if ctx.identical_loss:  # every rank holds this same gradient: the sum is world_size x it
+            return grad[ctx.start : ctx.stop] * get_world_size(), None
         # Every rank's loss depends on every rank's rows: sum the contributions, keep ours.
         grad = grad.contiguous().clone()
         tdist.all_reduce(grad, op=tdist.ReduceOp.SUM)
-        return grad[ctx.start : ctx.stop]
+        return grad[ctx.start : ctx.stop], None
 
 
-def gather_with_grad(x: Tensor) -> Tensor:
+def gather_with_grad(x: Tensor, identical_loss: bool = False) -> Tensor:
     """(n, ...) -> (sum over ranks of n, ...), concatenated in rank order, differentiable.
 
-    Backward: all-reduce SUM of the incoming gradient, then this rank's slice.
+    Backward: all-reduce SUM of the incoming gradient, then this rank's slice. With
+    `identical_loss=True` the caller promises that every rank computes the same function of the
+    gathered tensor (a loss over the global batch); the backward then returns world_size x this
+    rank's slice of its own gradient, the same sum without a collective. A rank-dependent loss
+    with `identical_loss=True` gets wrong gradients.
     Identity when not distributed.
     """
     if not is_dist() or get_world_size() == 1:
         return x
-    return _GatherWithGrad.apply(x)
+    return _GatherWithGrad.apply(x, identical_loss)
 
 
 def gather_no_grad(x: Tensor) -> Tensor:
@@ -91,11 +106,29 @@ def gather_no_grad(x: Tensor) -> Tensor:
         return _all_gather_cat(x.detach())[0]
 
 
+_EQUAL_SIZES = False
+
+
+@contextlib.contextmanager
+def equal_batch_sizes() -> Iterator[None]:
+    """Inside, `gather_sizes(n)` is `[n] * world_size` without a collective: for callers that know
+    every rank holds the same number of rows (a training loop with equal per-rank batches). Not
+    thread-safe: a training process gathers from one thread."""
+    global _EQUAL_SIZES
+    before, _EQUAL_SIZES = _EQUAL_SIZES, True
+    try:
+        yield
+    finally:
+        _EQUAL_SIZES = before
+
+
 def gather_sizes(n: int, device: torch.device | str = "cpu") -> list[int]:
     """Every rank's value of `n` (e.g. its local batch size), in rank order; `[n]` when not
-    distributed."""
+    distributed; `[n] * world_size` inside `equal_batch_sizes()`."""
     if not is_dist():
         return [n]
+    if _EQUAL_SIZES:
+        return [n] * get_world_size()
     size = torch.tensor([n], dtype=torch.long, device=device)
     out = [torch.zeros_like(size) for _ in range(get_world_size())]
     tdist.all_gather(out, size)

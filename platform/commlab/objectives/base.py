@@ -49,13 +49,15 @@ def normalize_and_gather(zs: Sequence[Tensor], gather: bool) -> list[Tensor]:
     """L2-normalise each (B, D_k) tensor, then (if `gather`) all-gather with gradient.
 
     All tensors travel in one collective (concatenated along the feature axis), not one each.
+    The caller's loss must be the same on every rank (the loss over the global batch): the
+    backward then needs no collective (`dist.gather_with_grad(identical_loss=True)`).
     Returns (B_global, D_k) tensors in the input order.
     """
     zs = [F.normalize(z, dim=-1) for z in zs]
     if not gather:
         return zs
     widths = [z.shape[1] for z in zs]
-    packed = gather_with_grad(torch.cat(zs, dim=1))
+    packed = gather_with_grad(torch.cat(zs, dim=1), identical_loss=True)
     return list(packed.split(widths, dim=1))
 
 

@@ -329,7 +329,7 @@ class PretrainRun:
             va, vb = self._views(ids, gen)
             if self.flops_per_step is None:  # every rank: synced BatchNorm communicates
                 self._first_step(va, vb)
-            with self._autocast():
+            with dist.equal_batch_sizes(), self._autocast():  # every rank: per_rank_batch rows
                 out = self.model(va, vb, gather=gather)
             # every rank learns whether any rank's loss is non-finite, without waiting for it
             # before the backward pass: the answer is needed only before the optimiser step
