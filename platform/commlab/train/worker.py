@@ -26,6 +26,7 @@ Test-only hooks (`train_loop_config["hooks"]`; the CLI never sets them):
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tempfile
@@ -47,6 +48,25 @@ from commlab.tracking import RunLogger
 from commlab.train.checkpoint import rng_state, set_rng_state
 from commlab.train.epoch_end import checkpoint_payload, format_progress
 from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext, say
+
+# ---------------------------------------------------------------- console
+REPORT_LINES = ("Checkpoint successfully created at", "Reporting training result")
+
+
+class _WithoutReportLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or not record.getMessage().startswith(REPORT_LINES)
+
+
+def quiet_report_lines() -> None:
+    """Keep Ray Train's per-report INFO lines (`REPORT_LINES`) off this worker's console
+    handlers; its file handlers (Ray's session logs) still get them. Idempotent."""
+    for handler in logging.getLogger("ray.train").handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        )
+        if console and not any(isinstance(f, _WithoutReportLines) for f in handler.filters):
+            handler.addFilter(_WithoutReportLines())
 
 
 # ---------------------------------------------------------------- synchronised BatchNorm
@@ -266,6 +286,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """
     import ray.train  # lazy: this module also serves runs without Ray
 
+    quiet_report_lines()
     cfg = ExperimentConfig.model_validate(config["cfg"])
     hooks = config.get("hooks") or {}
     selection = config.get("selection") or {"metric": "train/loss", "mode": "min"}
