@@ -55,6 +55,38 @@ class _Toy(nn.Module):
         return Out
 
 
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """A CPU where oneDNN runs bf16 (this machine may lack it): auto precision measures."""
+    monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: True)
+
+
+def test_auto_precision_is_fp32_without_measuring_on_a_cpu_without_native_bf16(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: False)
+    path = tmp_path / "perf.json"
+    key = f"precision-train|{perf.device_key('cpu')}|toy"
+    path.write_text(json.dumps({key: {"seconds": {"fp32": 1.0, "bf16-mixed": 0.2}}}))
+
+    class Untimed(_Toy):
+        def loss(self, a, b):
+            raise AssertionError("nothing is timed without native bf16")
+
+    a = torch.randn(16, 8)
+    choice, entry = perf.choose_step_precision(
+        Untimed(), a, a, torch.device("cpu"), "toy", path=path
+    )
+    assert choice == "fp32"
+    assert entry == {"seconds": {}, "reason": perf.NO_NATIVE_BF16}
+
+
+def test_cpu_has_native_bf16_is_what_onednn_reports():
+    assert perf.cpu_has_native_bf16() is bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert perf.machine_info()["native_bf16"] is perf.cpu_has_native_bf16()
+
+
+@pytest.mark.usefixtures("native_bf16")
 @pytest.mark.parametrize(
     ("bf16_s", "expected"), [(0.2, "bf16-mixed"), (0.95, "fp32"), (3.0, "fp32")]
 )
@@ -74,6 +106,7 @@ def test_auto_precision_is_a_function_of_the_cached_measurement(tmp_path, bf16_s
     }
 
 
+@pytest.mark.usefixtures("native_bf16")
 def test_auto_precision_times_the_models_own_step_on_a_copy(tmp_path):
     path = tmp_path / "perf.json"
     m, a = _Toy(), torch.randn(16, 8)

@@ -209,10 +209,40 @@ def test_bf16_mixed_gives_the_fp32_loss_on_a_fixed_batch(perf_cache):
     assert not torch.equal(loss16, loss32)
 
 
+def _native_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """Whether this CPU runs bf16 natively, as commlab sees it (this machine may lack it)."""
+    from commlab import perf
+    from commlab.train import loop
+
+    monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+
+
+def test_without_native_bf16_auto_is_fp32_untimed_and_bf16_is_flagged(perf_cache, monkeypatch):
+    _native_bf16(monkeypatch, False)
+    over = ("train.epochs=1", "train.probe_every=0", "train.max_steps_per_epoch=1")
+    auto = PretrainRun(toy_config("comm", (*over, "train.precision=auto")), data=_bundle())
+    auto.run_epoch(0)
+    assert auto.precision == "fp32"
+    assert "auto: this CPU has no native bf16" in auto.settings_note
+    assert not perf_cache.exists() or not any(
+        k.startswith("precision-train|") for k in json.loads(perf_cache.read_text())
+    )
+    forced = PretrainRun(toy_config("comm", (*over, "train.precision=bf16-mixed")), data=_bundle())
+    forced.run_epoch(0)
+    assert forced.precision == "bf16-mixed"
+    assert "configured, but this CPU has no native bf16" in forced.settings_note
+    _native_bf16(monkeypatch, True)
+    native = PretrainRun(toy_config("comm", (*over, "train.precision=bf16-mixed")), data=_bundle())
+    native.run_epoch(0)
+    assert "bf16-mixed (configured)" in native.settings_note
+
+
 @pytest.mark.parametrize(("bf16_s", "expected"), [(0.1, "bf16-mixed"), (2.0, "fp32")])
 def test_auto_precision_is_timed_on_the_first_batch_then_follows_the_cache(
-    perf_cache, bf16_s, expected
+    perf_cache, bf16_s, expected, monkeypatch
 ):
+    _native_bf16(monkeypatch, True)
     over = ("train.epochs=1", "train.probe_every=0", "train.max_steps_per_epoch=2")
     cfg = toy_config("comm", (*over, "train.precision=auto", "train.fusion=packed"))
     first = PretrainRun(cfg, data=_bundle())

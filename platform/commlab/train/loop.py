@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import math
 import random
@@ -40,8 +41,10 @@ from commlab.models import Method, build_method
 from commlab.models.norm import local_batchnorm
 from commlab.perf import (
     COMPUTE_DTYPE,
+    NO_NATIVE_BF16,
     autocast,
     choose_step_precision,
+    cpu_has_native_bf16,
     device_key,
     matmul_peak_flops,
     mfu,
@@ -107,6 +110,9 @@ def resolve_precision(
     """(`fp32` | `bf16-mixed`, why): as configured, or (`auto`) whichever runs this model's
     step faster on this device, measured once and cached (`commlab.perf`)."""
     if cfg.train.precision != "auto":
+        native = device.type != "cpu" or cpu_has_native_bf16()
+        if cfg.train.precision == "bf16-mixed" and not native:
+            return cfg.train.precision, f"configured, but {NO_NATIVE_BF16}"
         return cfg.train.precision, "configured"
     signature = model_signature(cfg, view_a)
     choice, entry = choose_step_precision(
@@ -198,7 +204,7 @@ class PretrainRun:
         self.augment = build_augmenter(cfg.augment, self.kinds)
         self.optimizer = make_optimizer(param_groups(self.method, cfg.optim.weight_decay), cfg)
         # `auto` is decided on the first batch (`_first_step`); nothing runs before it
-        self.precision = "fp32" if cfg.train.precision == "auto" else cfg.train.precision
+        self.precision: str = "fp32" if cfg.train.precision == "auto" else cfg.train.precision
         self.settings_note = f"precision {self.precision} (configured)"
         self.compiled = False
         self.train_ids = ds.split("train")
@@ -269,11 +275,12 @@ class PretrainRun:
         precision and the fusion path, then compile if asked (after the FLOP count, which
         copies the model)."""
         self.flops_per_step = step_flops(self.method, va, vb)
-        if self.cfg.train.precision == "auto":
-            self.precision, why = self._agreed(
-                lambda: resolve_precision(self.method, self.cfg, self.ctx.device, va, vb)
-            )
-            self.settings_note = f"precision {self.precision} ({why})"
+        resolve = functools.partial(resolve_precision, self.method, self.cfg, self.ctx.device)
+        if self.cfg.train.precision == "auto":  # measured: every rank follows rank 0
+            self.precision, why = self._agreed(lambda: resolve(va, vb))
+        else:
+            self.precision, why = resolve(va, vb)
+        self.settings_note = f"precision {self.precision} ({why})"
         options = self.method.fusion_options(va, vb)
         if options:
             path = self.cfg.train.fusion
