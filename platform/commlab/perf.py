@@ -133,6 +133,11 @@ def cpu_has_native_bf16() -> bool:
 NO_NATIVE_BF16 = "this CPU has no native bf16 (torch's fallback kernels are many times slower)"
 
 
+def bf16_is_emulated(device: torch.device) -> bool:
+    """Whether bf16 on `device` runs through fallback kernels: a CPU without native bf16."""
+    return device.type == "cpu" and not cpu_has_native_bf16()
+
+
 def machine_info() -> dict[str, object]:
     """What a benchmark ran on, for its JSON: CPU and its bf16-relevant flags, GPU, threads,
     versions, and the load average when it was called (other processes share the machine)."""
@@ -272,7 +277,7 @@ def choose_step_precision(
     training) on `local_copy(method)`, so the method's BatchNorm statistics and gradients stay
     untouched; the caller's copy must not communicate (the other workers do not measure). The
     caller keeps its random streams apart (dropout draws here)."""
-    if device.type == "cpu" and not cpu_has_native_bf16():  # timing bf16 alone takes minutes
+    if bf16_is_emulated(device):  # timing bf16 alone would take minutes
         return "fp32", {"seconds": {}, "reason": NO_NATIVE_BF16}
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return "fp32", {"seconds": {}, "reason": "no bf16 support on this GPU"}

@@ -212,10 +212,8 @@ def test_bf16_mixed_gives_the_fp32_loss_on_a_fixed_batch(perf_cache):
 def _native_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     """Whether this CPU runs bf16 natively, as commlab sees it (this machine may lack it)."""
     from commlab import perf
-    from commlab.train import loop
 
     monkeypatch.setattr(perf, "cpu_has_native_bf16", lambda: native)
-    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
 
 
 def test_without_native_bf16_auto_is_fp32_untimed_and_bf16_is_flagged(perf_cache, monkeypatch):

@@ -43,8 +43,8 @@ from commlab.perf import (
     COMPUTE_DTYPE,
     NO_NATIVE_BF16,
     autocast,
+    bf16_is_emulated,
     choose_step_precision,
-    cpu_has_native_bf16,
     device_key,
     matmul_peak_flops,
     mfu,
@@ -110,8 +110,7 @@ def resolve_precision(
     """(`fp32` | `bf16-mixed`, why): as configured, or (`auto`) whichever runs this model's
     step faster on this device, measured once and cached (`commlab.perf`)."""
     if cfg.train.precision != "auto":
-        native = device.type != "cpu" or cpu_has_native_bf16()
-        if cfg.train.precision == "bf16-mixed" and not native:
+        if cfg.train.precision == "bf16-mixed" and bf16_is_emulated(device):
             return cfg.train.precision, f"configured, but {NO_NATIVE_BF16}"
         return cfg.train.precision, "configured"
     signature = model_signature(cfg, view_a)
@@ -205,7 +204,7 @@ class PretrainRun:
         self.optimizer = make_optimizer(param_groups(self.method, cfg.optim.weight_decay), cfg)
         # `auto` is decided on the first batch (`_first_step`); nothing runs before it
         self.precision: str = "fp32" if cfg.train.precision == "auto" else cfg.train.precision
-        self.settings_note = f"precision {self.precision} (configured)"
+        self.settings_note = ""  # precision, fusion, compile: set on the first batch
         self.compiled = False
         self.train_ids = ds.split("train")
         per_rank = d.batch_size // self.ctx.world_size
