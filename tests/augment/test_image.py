@@ -2,14 +2,17 @@ import math
 
 import pytest
 import torch
+from kornia.color import rgb_to_grayscale
 
 from commlab.augment.image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageAugmenter,
     blur_kernel_size,
+    crop_and_resize,
     crop_boxes,
     normalize,
+    shift_hue,
 )
 from commlab.config import ImageAugmentConfig
 
@@ -185,3 +188,66 @@ def test_blur_kernel_is_odd_and_about_a_tenth_of_the_side(side, k):
 def test_rejects_bad_shapes():
     with pytest.raises(ValueError, match="C in"):
         ImageAugmenter()(torch.zeros(2, 4, 8, 8), None, gen())
+
+
+def _hue_cases() -> torch.Tensor:
+    x = torch.rand(64, 3, 12, 12, generator=gen(2))
+    x[:8] = x[:8, :1]  # grey pixels (C = 0)
+    x[8:16, 1] = x[8:16, 0]  # red and green tied for the maximum
+    x[16:24, 2] = x[16:24, 1]  # green and blue tied
+    x[24:40] = (x[24:40] * 4).round() / 4  # many ties, exact 0s and 1s
+    return x
+
+
+@pytest.mark.parametrize("spread", [0.02, 0.1, 0.5])
+def test_shift_hue_matches_kornias_hsv_round_trip(spread):
+    from kornia.enhance import adjust_hue
+
+    x = _hue_cases()
+    turns = (torch.rand(64, generator=gen(3)) * 2 - 1) * spread
+    expected = adjust_hue(x, turns * 2 * math.pi)  # kornia's factor is in radians
+    assert torch.allclose(shift_hue(x, turns), expected, atol=1e-5)
+
+
+def test_shift_hue_by_a_whole_turn_or_nothing_keeps_the_image():
+    x = _hue_cases()
+    assert torch.allclose(shift_hue(x, torch.zeros(64)), x, atol=1e-6)
+    assert torch.allclose(shift_hue(x, torch.ones(64)), x, atol=1e-5)
+
+
+def test_shift_hue_by_a_third_turn_rotates_the_primaries():
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    green = torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)
+    assert torch.allclose(shift_hue(red, torch.tensor([1 / 3])), green, atol=1e-6)
+
+
+@pytest.mark.parametrize(("h", "w", "scale"), [(16, 16, (0.08, 1.0)), (40, 24, (0.3, 0.9))])
+def test_crop_and_resize_matches_kornias(h, w, scale):
+    from kornia.geometry.transform import crop_and_resize as kornia_crop
+
+    x = torch.rand(32, 3, h, w, generator=gen(4))
+    boxes = crop_boxes(gen(5), 32, h, w, scale)
+    expected = kornia_crop(x, boxes, (h, w), align_corners=True)
+    assert torch.allclose(crop_and_resize(x, boxes, (h, w)), expected, atol=1e-4)
+
+
+def test_crop_and_resize_of_the_whole_image_is_the_image():
+    x = torch.rand(4, 3, 10, 14, generator=gen(6))
+    whole = torch.tensor([[0.0, 0.0], [13.0, 0.0], [13.0, 9.0], [0.0, 9.0]]).expand(4, 4, 2)
+    assert torch.allclose(crop_and_resize(x, whole, (10, 14)), x, atol=1e-6)
+
+
+def test_contrast_and_saturation_blend_like_torchvision():
+    """torchvision: contrast blends with the mean grey level, saturation with the grey image,
+    factor * img + (1 - factor) * other, clamped."""
+    x = 0.4 + 0.2 * torch.rand(16, 3, 6, 6, generator=gen(7))  # no factor in [0.2, 1.8] clamps
+    for component in ("contrast", "saturation"):
+        strengths = dict(jitter_brightness=0, jitter_contrast=0, jitter_saturation=0, jitter_hue=0)
+        strengths[f"jitter_{component}"] = 0.8
+        out = only(jitter_p=1.0, normalize=False, **strengths)(x, None, gen(8))
+        grey = rgb_to_grayscale(x)
+        other = grey.mean(dim=(1, 2, 3), keepdim=True) if component == "contrast" else grey
+        # recover each image's factor (median over pixels), then check every pixel against it
+        f = ((out - other) / (x - other)).flatten(1).median(1).values.view(-1, 1, 1, 1)
+        assert torch.allclose(out, (f * x + (1 - f) * other).clamp(0, 1), atol=1e-5)
+        assert f.min() >= 0.2 - 1e-4 and f.max() <= 1.8 + 1e-4 and f.std() > 0.05
