@@ -206,8 +206,12 @@ def random_blur(
     apply = chosen(generator, b, p, x.device)
     s = uniform(generator, (b,), x.device, sigma[0], sigma[1])
     k = blur_kernel_size(height, width)
-    blurred = gaussian_blur2d(x, (k, k), torch.stack([s, s], dim=-1))
-    return _where(apply, blurred, x)
+    # only the chosen images are blurred (each image's blur is its own depthwise convolution)
+    idx = apply.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    s = s[idx]
+    return x.index_copy(0, idx, gaussian_blur2d(x[idx], (k, k), torch.stack([s, s], dim=-1)))
 
 
 def random_hflip(x: Tensor, generator: torch.Generator, p: float) -> Tensor:
