@@ -251,3 +251,11 @@ def test_contrast_and_saturation_blend_like_torchvision():
         f = ((out - other) / (x - other)).flatten(1).median(1).values.view(-1, 1, 1, 1)
         assert torch.allclose(out, (f * x + (1 - f) * other).clamp(0, 1), atol=1e-5)
         assert f.min() >= 0.2 - 1e-4 and f.max() <= 1.8 + 1e-4 and f.std() > 0.05
+
+
+def test_blur_changes_only_the_images_chosen_for_it():
+    aug, x = only(blur_p=0.5, blur_sigma_min=1.0, blur_sigma_max=2.0), images(32)
+    out, ref = aug(x, None, gen()), aug.prepare(x)
+    untouched = (out == ref).flatten(1).all(1)
+    assert 4 < int(untouched.sum()) < 28
+    assert ((out - ref).abs().amax(dim=(1, 2, 3))[~untouched] > 1e-3).all()
