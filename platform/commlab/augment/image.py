@@ -3,12 +3,14 @@
 Order: random resized crop, colour jitter, grayscale, Gaussian blur, horizontal flip, ImageNet
 normalisation. Every per-sample parameter is drawn on CPU from an explicit `torch.Generator` and
 then moved to the image's device, so a seed gives the same views on CPU and GPU. A sample that
-is not selected by an op's probability is passed through with `torch.where`, bit-exactly.
+is not selected by an op's probability is passed through bit-exactly (and, where an image's
+result does not depend on the others, the op runs on the selected images only).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +27,22 @@ CROP_RATIO = (3 / 4, 4 / 3)
 _CROP_TRIES = 10  # torchvision's RandomResizedCrop attempts before its centre-crop fallback
 
 
-def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+def _keep_unchosen(apply: Tensor, out: Tensor, x: Tensor) -> Tensor:
+    """`out` (a new tensor shaped like x) for the chosen images, `x` for the others, written
+    into `out`: only the unchosen images are copied (a `torch.where` over the whole batch cost
+    15 ms per op on 64 x 3 x 224 x 224 images)."""
+    idx = (~apply).nonzero().squeeze(1)
+    if idx.numel():
+        out.index_copy_(0, idx, x.index_select(0, idx))
+    return out
+
+
+def _on_chosen(apply: Tensor, x: Tensor, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """`fn(images, their indices)` on the chosen images only; the others pass through."""
+    idx = apply.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    return x.index_copy(0, idx, fn(x.index_select(0, idx), idx))
 
 
 def to_float(x: Tensor) -> Tensor:
@@ -118,7 +134,7 @@ def random_resized_crop(
     apply = chosen(generator, b, p, x.device)
     boxes = crop_boxes(generator, b, height, width, scale).to(x.device)
     cropped = crop_and_resize(x, boxes, (height, width))
-    return _where(apply, cropped, x)
+    return _keep_unchosen(apply, cropped, x)
 
 
 def _gray(x: Tensor) -> Tensor:
@@ -181,14 +197,14 @@ def color_jitter(
     if rgb and hue > 0:
         # torchvision's hue factor is a fraction of the colour circle
         out = shift_hue(out, uniform(generator, (b,), x.device, -hue, hue))
-    return _where(apply, out, x)
+    return _keep_unchosen(apply, out, x)
 
 
 def random_grayscale(x: Tensor, generator: torch.Generator, p: float) -> Tensor:
     if p == 0 or x.shape[1] == 1:
         return x
     apply = chosen(generator, x.shape[0], p, x.device)
-    return _where(apply, rgb_to_grayscale(x).expand_as(x), x)
+    return _on_chosen(apply, x, lambda chosen_x, _: rgb_to_grayscale(chosen_x).expand_as(chosen_x))
 
 
 def blur_kernel_size(height: int, width: int) -> int:
@@ -206,19 +222,19 @@ def random_blur(
     apply = chosen(generator, b, p, x.device)
     s = uniform(generator, (b,), x.device, sigma[0], sigma[1])
     k = blur_kernel_size(height, width)
-    # only the chosen images are blurred (each image's blur is its own depthwise convolution)
-    idx = apply.nonzero().squeeze(1)
-    if idx.numel() == 0:
-        return x
-    s = s[idx]
-    return x.index_copy(0, idx, gaussian_blur2d(x[idx], (k, k), torch.stack([s, s], dim=-1)))
+    # each image's blur is its own depthwise convolution
+    return _on_chosen(
+        apply,
+        x,
+        lambda chosen_x, idx: gaussian_blur2d(chosen_x, (k, k), s[idx, None].expand(-1, 2)),
+    )
 
 
 def random_hflip(x: Tensor, generator: torch.Generator, p: float) -> Tensor:
     if p == 0:
         return x
     apply = chosen(generator, x.shape[0], p, x.device)
-    return _where(apply, x.flip(-1), x)
+    return _on_chosen(apply, x, lambda chosen_x, _: chosen_x.flip(-1))
 
 
 class ImageAugmenter:
