@@ -1,12 +1,13 @@
 """Image augmentation speed: commlab's SimCLR recipe against the same recipe on kornia's kernels.
 
-The reference swaps three of `commlab.augment.image`'s functions back to what they were built
-on: the hue shift through kornia's `adjust_hue` (its HSV round trip), crops through kornia's
-`crop_and_resize` (a perspective transform solved per image), and the colour blends as
-torchvision writes them (factor * a + (1 - factor) * b over full-size operands) with every
-image blurred and the unchosen ones put back with `where`. Everything else (the random draws,
-grayscale, flip, normalisation) is shared, so both produce the same views up to float rounding
-(the largest difference is reported).
+The reference swaps five of `commlab.augment.image`'s functions back to the straightforward
+versions they replaced: the hue shift through kornia's `adjust_hue` (its HSV round trip), crops
+through kornia's `crop_and_resize` (a perspective transform solved per image), the colour blends
+as torchvision writes them (factor * a + (1 - factor) * b over full-size operands), and every
+random op applied to the whole batch with the unchosen images put back by `torch.where`.
+Everything else (the random draws, kornia's grayscale and blur kernels, normalisation) is
+shared, so both produce the same views up to float rounding (the largest difference is
+reported).
 
 Two measurements, each interleaved in this process (reference and commlab alternate, one call
 or one epoch each per round; medians with min-max of the per-round ratios):
@@ -34,11 +35,9 @@ from typing import Any
 
 import torch
 from kornia.enhance import adjust_hue
-from kornia.filters import gaussian_blur2d
 from kornia.geometry.transform import crop_and_resize as kornia_crop_and_resize
 
 import commlab.augment.image as image_aug
-from commlab.augment.sequence import chosen, uniform
 from commlab.config import ImageAugmentConfig, load_config
 from commlab.perf import machine_info
 from commlab.train.loop import PretrainRun
@@ -66,17 +65,15 @@ def _blend_torchvision(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -
     return (f * a + (1 - f) * b.expand_as(a)).clamp(0.0, 1.0)
 
 
-def _blur_all(
-    x: torch.Tensor, generator: torch.Generator, sigma: tuple[float, float], p: float
+def _keep_unchosen_where(apply: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.where(apply.view(-1, 1, 1, 1), out, x)
+
+
+def _on_all_then_where(
+    apply: torch.Tensor, x: torch.Tensor, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    if p == 0:
-        return x
-    b, _, height, width = x.shape
-    apply = chosen(generator, b, p, x.device)
-    s = uniform(generator, (b,), x.device, sigma[0], sigma[1])
-    k = image_aug.blur_kernel_size(height, width)
-    blurred = gaussian_blur2d(x, (k, k), torch.stack([s, s], dim=-1))
-    return torch.where(apply.view(-1, 1, 1, 1), blurred, x)
+    everyone = torch.arange(x.shape[0], device=x.device)
+    return torch.where(apply.view(-1, 1, 1, 1), fn(x, everyone), x)
 
 
 @contextlib.contextmanager
@@ -85,7 +82,8 @@ def reference_kernels() -> Iterator[None]:
         "shift_hue": _hue_kornia,
         "crop_and_resize": _crop_kornia,
         "_blend": _blend_torchvision,
-        "random_blur": _blur_all,
+        "_keep_unchosen": _keep_unchosen_where,
+        "_on_chosen": _on_all_then_where,
     }
     saved = {name: getattr(image_aug, name) for name in swaps}
     for name, fn in swaps.items():
