@@ -186,6 +186,29 @@ def epoch_case(name: str, rounds: int, data_root: Path) -> dict[str, Any]:
     }
 
 
+def print_table(
+    title: str,
+    headers: tuple[str, str],
+    rows: list[dict[str, Any]],
+    keys: tuple[str, str],
+    digits: int,
+    with_diff: bool = False,
+) -> None:
+    """One line per case: the reference's and commlab's medians (`keys`), the speed-up with its
+    range and, `with_diff`, the largest output difference."""
+    diff_head = f"{'max diff':>10}" if with_diff else ""
+    print(f"{title:<20}{headers[0]:>14}{headers[1]:>12}{'x (min-max)':>20}{diff_head}")
+    for r in rows:
+        s = r["speedup"]
+        line = (
+            f"{r['case']:<20}{r[keys[0]]['median']:>14.{digits}f}{r[keys[1]]['median']:>12.{digits}f}"
+            f"{s['median']:>8.2f} ({s['min']:.2f}-{s['max']:.2f})"
+        )
+        if with_diff:
+            line += f"{r['max_abs_difference_normalised']:>10.1e}"
+        print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds per augment case")
@@ -211,22 +234,21 @@ def main() -> None:
     print(
         f"\n{m['cpu']}, {m['torch_threads']} threads, load {doc['machine_at_end']['load_average_1_5_15']}"
     )
-    print(
-        f"{'augment (one call)':<20}{'reference ms':>14}{'commlab ms':>12}{'x (min-max)':>20}{'max diff':>10}"
+    print_table(
+        "augment (one call)",
+        ("reference ms", "commlab ms"),
+        doc["augment"],
+        ("reference_ms", "commlab_ms"),
+        digits=1,
+        with_diff=True,
     )
-    for r in doc["augment"]:
-        s = r["speedup"]
-        print(
-            f"{r['case']:<20}{r['reference_ms']['median']:>14.1f}{r['commlab_ms']['median']:>12.1f}"
-            f"{s['median']:>8.2f} ({s['min']:.2f}-{s['max']:.2f}){r['max_abs_difference_normalised']:>10.1e}"
-        )
-    print(f"{'epoch (samples/s)':<20}{'reference':>14}{'commlab':>12}{'x (min-max)':>20}")
-    for r in doc["epoch"]:
-        s = r["speedup"]
-        print(
-            f"{r['case']:<20}{r['reference_samples_per_s']['median']:>14.0f}"
-            f"{r['commlab_samples_per_s']['median']:>12.0f}{s['median']:>8.2f} ({s['min']:.2f}-{s['max']:.2f})"
-        )
+    print_table(
+        "epoch (samples/s)",
+        ("reference", "commlab"),
+        doc["epoch"],
+        ("reference_samples_per_s", "commlab_samples_per_s"),
+        digits=0,
+    )
     print(f"wrote {args.out}")
 
 
