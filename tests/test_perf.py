@@ -143,6 +143,25 @@ def test_mfu_definition_and_peak():
     assert perf.mfu(2e9, 0.5, 8e9) == pytest.approx(0.5)
 
 
+def test_peak_budget_measures_again_once_its_share_of_the_time_has_passed():
+    now = [0.0]
+    taken = []
+
+    def measure(dtype):  # a measurement that takes 0.1 s of the clock
+        taken.append((now[0], dtype))
+        now[0] += 0.1
+        return float(len(taken))
+
+    budget = perf.PeakBudget(measure, share=0.02, clock=lambda: now[0])
+    assert budget.peak(torch.float32) == 1.0  # the first call measures
+    now[0] += 4.8  # 4.8 s later: under 0.1 / 0.02 = 5 s since the last measurement
+    assert budget.peak(torch.float32) == 1.0 and len(taken) == 1
+    now[0] += 0.3  # 5.1 s since it
+    assert budget.peak(torch.float32) == 2.0 and taken[-1] == (pytest.approx(5.2), torch.float32)
+    assert budget.peak(torch.bfloat16) == 3.0  # another dtype is measured at once
+    assert budget.peak(torch.bfloat16) == 3.0 and len(taken) == 3
+
+
 def test_machine_info_records_threads_and_load():
     info = perf.machine_info()
     assert info["torch_threads"] == torch.get_num_threads()

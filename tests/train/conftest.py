@@ -21,9 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 RAY_ENV = {
     # Ray 2.60 turns token auth on for new local clusters; tests run without it (notes §0.9).
     "RAY_AUTH_MODE": "disabled",
-    # The Train controller polls workers every 2 s by default; poll faster so short test runs
-    # finish and detect failures quickly.
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_DEDUP_LOGS": "0",
 }
 

@@ -306,6 +306,16 @@ def test_mfu_uses_the_step_flops_and_the_compute_dtype_peak(perf_cache, monkeypa
     step_s = m["perf/epoch_time_s"] / run.steps_per_epoch
     assert run.flops_per_step and m["perf/mfu"] == pytest.approx(run.flops_per_step / step_s / 1e9)
     assert seen == [torch.float32]
+    # the fake peak takes no time, so its 2 % budget lets every epoch measure it again
+    m = run.run_epoch(1)
+    assert seen == [torch.float32] * 2 and "perf/mfu" in m
+    # a real one (~0.1 s) is not taken again after a toy epoch of a few milliseconds
+    monkeypatch.undo()
+    run.peaks.cost = 60.0
+    m = run.run_epoch(2)
+    assert seen == [torch.float32] * 2
+    step_s = m["perf/epoch_time_s"] / run.steps_per_epoch
+    assert m["perf/mfu"] == pytest.approx(run.flops_per_step / step_s / 1e9)
 
 
 @pytest.mark.slow

@@ -7,6 +7,8 @@ and sqlite MLflow store in its tmp_path, because Ray Train silently resumes a ru
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from commlab.models.norm import GlobalBatchNorm, batch_norm_groups, sync_batchno
 from commlab.train.checkpoint import FORMAT, load_checkpoint
 from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext
 from commlab.train.trainer import (
+    REPORT_POLL_ENV,
+    REPORT_POLL_S,
     NonFiniteRunError,
     PretrainFailedError,
     RayTrainSettings,
@@ -119,6 +123,31 @@ def test_two_workers_end_to_end(ray_local, toy_parquet, settings):
         run.info.run_id, "checkpoint/checkpoint.pt", str(ckpt_dir.parent)
     )
     _assert_same_weights(load_checkpoint(logged)["model"], ckpt["model"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_short_epochs_are_not_held_to_rays_poll_interval(
+    ray_local, toy_parquet, tmp_path, monkeypatch
+):
+    """Each worker's next report waits until the controller took the previous one, at its next
+    poll of the workers; at Ray's default poll (every 2 s) every epoch lasted 2 s. commlab polls
+    every REPORT_POLL_S, so epochs of a fraction of a second follow each other that fast."""
+    monkeypatch.delenv(REPORT_POLL_ENV, raising=False)  # no test-only setting: commlab's own
+    cfg = ray_config(toy_parquet, "train.epochs=6", "train.probe_every=0")
+    settings = RayTrainSettings(
+        workers=2, storage_path=str(tmp_path), tracking=False, num_to_keep=None
+    )
+    res = pretrain_ray(cfg, settings)
+    assert os.environ[REPORT_POLL_ENV] == str(REPORT_POLL_S)
+    ckpts = [load_checkpoint(p / "checkpoint.pt") for p in Path(res.run_dir).glob("checkpoint_*/")]
+    created = sorted(c["created_at"] for c in ckpts)
+    assert len(created) == 6
+    epoch_s = max(c["metrics"]["perf/epoch_time_s"] for c in ckpts)
+    assert epoch_s < 0.5  # the epochs themselves are short ...
+    gaps = [b - a for a, b in zip(created, created[1:], strict=False)]
+    assert statistics.median(gaps) < 1.0, gaps  # ... and so are the intervals between them
 
 
 # ---------------------------------------------------------------- global batch equivalence

@@ -11,7 +11,7 @@ Speed settings are resolved once per run, on its first batch (`train.precision`,
 decides and broadcasts so every worker computes the same way) and change the numbers only within
 floating-point rounding. `perf/mfu` follows commlab.perf's one definition: the step time here
 includes batching and augmentation, and the peak is the compute dtype's matmul peak, re-measured
-after every epoch.
+between epochs for at most 2 % of the run's time (`perf.PeakBudget`).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from commlab.models.norm import local_batchnorm
 from commlab.perf import (
     COMPUTE_DTYPE,
     NO_NATIVE_BF16,
+    PeakBudget,
     autocast,
     bf16_is_emulated,
     choose_step_precision,
@@ -233,6 +234,7 @@ class PretrainRun:
         self.epoch = 0  # next epoch to run
         self.global_step = 0
         self.flops_per_step: float | None = None
+        self.peaks = PeakBudget(lambda dtype: matmul_peak_flops(self.ctx.device, dtype))
         self.history: list[dict[str, float]] = []
 
     # ---------------------------------------------------------------- state
@@ -363,7 +365,7 @@ class PretrainRun:
         metrics["perf/epoch_time_s"] = elapsed
         metrics["train/lr"] = lr
         if self.flops_per_step is not None:
-            peak = matmul_peak_flops(ctx.device, COMPUTE_DTYPE[self.precision])
+            peak = self.peaks.peak(COMPUTE_DTYPE[self.precision])
             metrics["perf/mfu"] = mfu(self.flops_per_step, elapsed / n, peak)
         return metrics
 

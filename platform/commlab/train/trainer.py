@@ -13,6 +13,7 @@ named run from its last checkpoint and reopens its MLflow run.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,11 @@ from commlab.train.plumbing import absolute_data_path, finish, fresh_name, stora
 from commlab.train.worker import train_loop_per_worker
 
 CONTROLLER_FAILURE_LIMIT = 5
+# Ray Train's controller takes each worker's reports one per poll of the workers, every
+# $RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default: 2 s), and a worker's next report waits
+# until its previous one was taken: with Ray's default, every epoch shorter than 2 s took 2 s.
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+REPORT_POLL_S = 0.25
 
 
 class RayTrainSettings(BaseModel):
@@ -123,7 +129,11 @@ def build_trainer(
     `run` is the `commlab.tracking.RunRef` rank 0 logs into (None: no tracking); `hooks` are
     test-only fault injections (see commlab.train.worker); `callbacks` are Ray Train
     `UserCallback`s (a sweep trial passes Tune's `TuneReportCallback`).
+
+    The controller that `fit()` starts polls the workers every `REPORT_POLL_S` seconds unless
+    $RAY_TRAIN_HEALTH_CHECK_INTERVAL_S says otherwise (Ray reads it in `fit()`, in this process).
     """
+    os.environ.setdefault(REPORT_POLL_ENV, str(REPORT_POLL_S))
     resources = {"CPU": settings.cpus_per_worker}
     if settings.gpus_per_worker > 0:
         resources["GPU"] = settings.gpus_per_worker
