@@ -12,6 +12,9 @@ global batch 128, no probing. Every case trains the same epochs with a checkpoin
                split 64 + 64)
   ray-2w-1t-head  the same with only the projection head's BatchNorm synced (batchnorm_sync=head)
   ray-2w-1t-none  the same with per-worker BatchNorm statistics everywhere (batchnorm_sync=none)
+  ray-1w-1t-poll2s, ray-2w-1t-none-poll2s  ray-1w-1t and ray-2w-1t-none with Ray Train's own
+               controller poll interval (2 s) instead of commlab's (`trainer.REPORT_POLL_S`):
+               a worker's next report waits until the controller took the previous one
 
 Ray runs as commlab starts it (`cluster.connect`: embedded, with the dashboard, whose State API
 Ray Train's placement-group cleaner polls; without it the cleaner retries and logs all the time).
@@ -69,7 +72,10 @@ SCALING_CASES = [  # (label, workers, batchnorm_sync), interleaved per round
     ("ray-2w-1t-head", 2, "head"),
     ("ray-2w-1t-none", 2, "none"),
     ("gloo-2w-1t-none", 2, "none"),
+    ("ray-1w-1t-poll2s", 1, "all"),
+    ("ray-2w-1t-none-poll2s", 2, "none"),
 ]
+RAY_DEFAULT_POLL_S = "2.0"  # Ray Train's own controller poll interval, which commlab shortens
 SYNC_SCOPE_CASES = {"all": "ray-2w-1t", "head": "ray-2w-1t-head", "none": "ray-2w-1t-none"}
 
 
@@ -119,7 +125,30 @@ def run_plain(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
 
 
 def run_ray(
-    cfg: ExperimentConfig, workers: int, cpus: float, storage: Path, scope: str = "all"
+    cfg: ExperimentConfig,
+    workers: int,
+    cpus: float,
+    storage: Path,
+    scope: str = "all",
+    poll_s: str | None = None,
+) -> dict[str, Any]:
+    """A Ray Train run; `poll_s` sets the controller's poll interval for this run only."""
+    from commlab.train.trainer import REPORT_POLL_ENV
+
+    saved = os.environ.get(REPORT_POLL_ENV)
+    if poll_s is not None:
+        os.environ[REPORT_POLL_ENV] = poll_s
+    try:
+        tag = f"-poll{poll_s}s" if poll_s is not None else ""  # a fresh run name per case
+        return _run_ray(cfg, workers, cpus, storage, scope, tag)
+    finally:
+        os.environ.pop(REPORT_POLL_ENV, None)
+        if saved is not None:
+            os.environ[REPORT_POLL_ENV] = saved
+
+
+def _run_ray(
+    cfg: ExperimentConfig, workers: int, cpus: float, storage: Path, scope: str, tag: str
 ) -> dict[str, Any]:
     from commlab.train.trainer import RayTrainSettings, build_trainer
 
@@ -132,7 +161,7 @@ def run_ray(
     )
     cfg = cfg.model_copy(deep=True)
     cfg.train.batchnorm_sync = scope  # type: ignore[assignment]
-    name = f"bench-{workers}w-{int(cpus)}c-{scope}bn"
+    name = f"bench-{workers}w-{int(cpus)}c-{scope}bn{tag}"
     trainer = build_trainer(cfg, settings, name=name, storage_path=str(storage))
     start = time.time()
     trainer.fit()
@@ -296,7 +325,8 @@ def main() -> None:
                         out = with_load(run_gloo, one, workers, scope)
                     else:
                         storage = root / f"ray-round{r}"  # each round's own checkpoints
-                        out = with_load(run_ray, one, workers, 1.0, storage, scope)
+                        poll = RAY_DEFAULT_POLL_S if label.endswith("-poll2s") else None
+                        out = with_load(run_ray, one, workers, 1.0, storage, scope, poll)
                     per_round[label].append(out)
         finally:
             ray.shutdown()
@@ -329,6 +359,9 @@ def main() -> None:
         results[f"scaling_2w_vs_1w{suffix}_by_batchnorm_sync"] = by_scope
         results[f"scaling_2w_vs_1w{suffix}"] = by_scope["all"]["median"]
     results["scaling_2w_without_ray_loop"] = ratios("gloo-2w-1t-none", "loop_samples_per_s")
+    results["scaling_2w_vs_1w_none_ray_default_poll"] = ratios(
+        "ray-2w-1t-none-poll2s", "samples_per_s", "ray-1w-1t-poll2s"
+    )
     results["scaling_2w_vs_plain"] = c["ray-2w-1t"]["samples_per_s"] / c["plain"]["samples_per_s"]
     by = {(p["precision"], p["threads"]): p["samples_per_s"] for p in results["precision"]}
     results["bf16_speedup"] = {str(t): by[("bf16-mixed", t)] / by[("fp32", t)] for t in (cores, 1)}
@@ -365,6 +398,11 @@ def main() -> None:
             f"({ratio['min']:.2f}-{ratio['max']:.2f} over {args.rounds} rounds); "
             f"training steps only {lp['median']:.2f}x ({lp['min']:.2f}-{lp['max']:.2f})"
         )
+    d = results["scaling_2w_vs_1w_none_ray_default_poll"]
+    print(
+        f"  sync none with Ray Train's default 2 s controller poll: {d['median']:.2f}x "
+        f"({d['min']:.2f}-{d['max']:.2f})"
+    )
     g = results["scaling_2w_without_ray_loop"]
     print(
         f"  the same 2 workers without Ray (gloo on loopback, sync none), training steps only: "
