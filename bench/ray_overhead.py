@@ -14,7 +14,9 @@ global batch 128, no probing. Every case trains the same epochs with a checkpoin
   ray-2w-1t-none  the same with per-worker BatchNorm statistics everywhere (batchnorm_sync=none)
   ray-1w-1t-poll2s, ray-2w-1t-none-poll2s  ray-1w-1t and ray-2w-1t-none with Ray Train's own
                controller poll interval (2 s) instead of commlab's (`trainer.REPORT_POLL_S`):
-               a worker's next report waits until the controller took the previous one
+               a worker's next report waits until the controller took the previous one.
+               Runs of 4 epochs see only the start of that: the first two reports pass at
+               once, later every epoch shorter than 2 s lasts about 2 s
 
 Ray runs as commlab starts it (`cluster.connect`: embedded, with the dashboard, whose State API
 Ray Train's placement-group cleaner polls; without it the cleaner retries and logs all the time).
