@@ -35,7 +35,6 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "configs" / "trifeatures" / "smoke.yaml"
 RAY_ENV = {
     "RAY_AUTH_MODE": "disabled",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     # a loaded 2-core machine can take more than the default 60 s to start a Train worker
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
 }
