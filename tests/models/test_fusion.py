@@ -181,20 +181,39 @@ def test_no_padding_needs_no_mask_and_equals_all_valid_pads(pool):
             torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
+def test_cpu_attention_under_bf16_is_mixed_precision_and_matches_sdpa():
     torch.manual_seed(0)
-    q, k, v = (torch.randn(3, 4, 9, 16, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(3, 4, 9, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     keep = torch.rand(3, 1, 9, 9) > 0.3
     keep |= torch.eye(9, dtype=torch.bool)
+    keep[0, 0, 2] = False  # a query with no key left: zeros, as SDPA gives
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = attention(q, k, v, keep, 0.0)
-    assert y.dtype == torch.float32
-    ref = torch.nn.functional.scaled_dot_product_attention(
-        q.float(), k.float(), v.float(), attn_mask=keep
-    )
-    assert torch.allclose(y, ref, atol=1e-6)
-    # other dtypes are left as they come
+    assert y.dtype == torch.bfloat16
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, attn_mask=keep)
+    assert torch.equal(y[0, :, 2], torch.zeros_like(y[0, :, 2]))
+    torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0.02)
+    g = torch.randn_like(ref)
+    y.backward(g.bfloat16())
+    ref.backward(g)
+    for low, high in ((q, q32), (k, k32), (v, v32)):
+        assert low.grad is not None and torch.isfinite(low.grad).all()
+        torch.testing.assert_close(low.grad.float(), high.grad, atol=0.06, rtol=0.05)
+    # fp32 and other dtypes go to SDPA as they come
     assert attention(q.double(), k.double(), v.double(), None, 0.0).dtype == torch.float64
+    torch.testing.assert_close(
+        attention(q32, k32, v32, keep, 0.0),
+        torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, attn_mask=keep),
+    )
+
+
+def test_cpu_bf16_attention_dropout_drops_weights_in_training():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 8, dtype=torch.bfloat16) for _ in range(3))
+    plain = attention(q, k, v, None, 0.0)
+    dropped = attention(q, k, v, None, 0.5)
+    assert not torch.equal(plain, dropped)
 
 
 def test_fusion_under_bf16_autocast_stays_close_to_fp32():
