@@ -1,5 +1,6 @@
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -138,9 +139,26 @@ def test_step_flops_counts_forward_and_backward_and_leaves_the_model_alone():
 
 
 def test_mfu_definition_and_peak():
-    peak = perf.matmul_peak_flops("cpu", torch.float32, n=128, reps=2)
+    peak = perf.dense_peak_flops("cpu", torch.float32, n=128, reps=2)
     assert peak > 0
     assert perf.mfu(2e9, 0.5, 8e9) == pytest.approx(0.5)
+
+
+def test_dense_kernels_state_the_flops_torch_counts():
+    for name, (fn, flops) in perf.dense_kernels("cpu", torch.float32, n=64).items():
+        assert perf.count_flops(fn) == flops, name
+
+
+def test_dense_peak_is_the_fastest_kernel(monkeypatch):
+    def kernels(device, dtype, n):
+        return {
+            "slow": (lambda: time.sleep(0.02), 1e9),  # 50 GFLOP/s at best
+            "fast": (lambda: time.sleep(0.01), 2e9),  # 200 GFLOP/s at best
+        }
+
+    monkeypatch.setattr(perf, "dense_kernels", kernels)
+    peak = perf.dense_peak_flops("cpu", torch.float32, reps=2)
+    assert 100e9 < peak <= 200e9
 
 
 def test_peak_budget_measures_again_once_its_share_of_the_time_has_passed():

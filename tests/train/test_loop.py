@@ -300,7 +300,7 @@ def test_mfu_uses_the_step_flops_and_the_compute_dtype_peak(perf_cache, monkeypa
         seen.append(dtype)
         return 1e9
 
-    monkeypatch.setattr(loop, "matmul_peak_flops", fake_peak)
+    monkeypatch.setattr(loop, "dense_peak_flops", fake_peak)
     run = PretrainRun(toy_config("comm", ("train.fusion=packed",)), data=_bundle())
     m = run.run_epoch(0)
     step_s = m["perf/epoch_time_s"] / run.steps_per_epoch

@@ -10,8 +10,8 @@ Speed settings are resolved once per run, on its first batch (`train.precision`,
 `auto`: a cached measurement of this model's own step on this device, see commlab.perf; rank 0
 decides and broadcasts so every worker computes the same way) and change the numbers only within
 floating-point rounding. `perf/mfu` follows commlab.perf's one definition: the step time here
-includes batching and augmentation, and the peak is the compute dtype's matmul peak, re-measured
-between epochs for at most 2 % of the run's time (`perf.PeakBudget`).
+includes batching and augmentation, and the peak is the compute dtype's dense compute peak,
+re-measured between epochs for at most 2 % of the run's time (`perf.PeakBudget`).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from commlab.perf import (
     autocast,
     bf16_is_emulated,
     choose_step_precision,
+    dense_peak_flops,
     device_key,
-    matmul_peak_flops,
     mfu,
     step_flops,
     timed_choice,
@@ -234,7 +234,7 @@ class PretrainRun:
         self.epoch = 0  # next epoch to run
         self.global_step = 0
         self.flops_per_step: float | None = None
-        self.peaks = PeakBudget(lambda dtype: matmul_peak_flops(self.ctx.device, dtype))
+        self.peaks = PeakBudget(lambda dtype: dense_peak_flops(self.ctx.device, dtype))
         self.history: list[dict[str, float]] = []
 
     # ---------------------------------------------------------------- state
