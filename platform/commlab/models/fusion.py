@@ -5,10 +5,10 @@ run packed, as ONE forward (`fuse_batched`: each mask's tokens and its own CLS f
 segments share rows, a block-diagonal attention mask keeps them apart); one forward per mask on
 only the selected tokens (`fuse_sequential`); or one forward per distinct token count, the
 masks of equal length stacked along the batch (`fuse_grouped`). All give the same numbers;
-which is fastest depends on the device and the model (`train.fusion`). Padding masks are honoured in every path, and mean
-pooling averages only the tokens that are present and not padding. Without padding no attention
-mask is built at all, so SDPA takes its fastest kernel and compiled graphs have no data-dependent
-branch.
+which is fastest depends on the device and the model (`train.fusion`). Padding masks are
+honoured in every path, and mean pooling averages only the tokens that are present and not
+padding. Without padding no attention mask is built at all, so SDPA takes its fastest kernel (on
+CPU under bf16, `attention` skips masking) and compiled graphs have no data-dependent branch.
 """
 
 from __future__ import annotations
