@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from commlab.models.dropout import dropout as cheap_dropout
+
 
 class QuickGELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
@@ -45,8 +47,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: flo
     weights = scores.softmax(-1)
     if mask is not None:  # a query with no key left gets zeros, as SDPA gives (not NaN)
         weights = weights.masked_fill(~mask, 0.0)
-    if dropout:
-        weights = F.dropout(weights, dropout)
+    weights = cheap_dropout(weights, dropout)
     return torch.matmul(weights.to(v.dtype), v)
 
 
