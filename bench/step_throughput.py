@@ -18,7 +18,8 @@ The fusion alone (forward + backward of the n_mod+1 masked passes) is timed both
 
 MFU (commlab.perf): step FLOPs (forward + backward, FlopCounterMode) / step time / dense compute
 peak of the setting's compute dtype (the faster of a matmul and a 3 x 3 convolution); the fp32
-and bf16 peaks are re-measured in every round, between the steps. Medians with min-max over rounds; machine, threads and load average recorded.
+and bf16 peaks are re-measured in every round, between the steps. Medians with min-max over
+rounds; machine, threads and load average recorded.
 
     python bench/step_throughput.py [--rounds 5] [--threads 2] [--cases tri64,tri224,mosi] [--compile tri64]
 """
