@@ -13,7 +13,9 @@ Settings, timed interleaved (one step of each per round, so the machine's load h
   auto         what `train.precision=auto, train.fusion=auto` (and the defaults channels_last,
                fused AdamW) pick on this machine, as PretrainRun resolves them
   bf16-mixed   auto's settings with bf16 autocast forced
-  compiled     auto's settings under torch.compile (--compile CASES; compile time reported)
+  compiled     auto's settings with `train.compile: heads`: the fusion passes and projection head
+               compiled, the encoders eager (--compile CASES; compile time reported)
+  compiled-all auto's settings with `train.compile: all`: the whole forward compiled
 The fusion alone (forward + backward of the n_mod+1 masked passes) is timed both ways too.
 
 MFU (commlab.perf): step FLOPs (forward + backward, FlopCounterMode) / step time / dense compute
@@ -97,7 +99,7 @@ class Setting:
         fusion: str,
         channels_last: bool,
         fused_adamw: bool,
-        compile: bool = False,
+        compile: str = "off",
         torch_layers: bool = False,
     ) -> None:
         torch.manual_seed(0)
@@ -126,8 +128,8 @@ class Setting:
             "cheap_dropout": not torch_layers,
         }
         self.compile_s = None
-        if compile:
-            self.method.compile()
+        if compile != "off":
+            self.method.compile_step(compile)
             t0 = time.perf_counter()
             self.step()
             self.compile_s = time.perf_counter() - t0
@@ -188,9 +190,10 @@ def run_case(name: str, rounds: int, with_compile: bool, with_bf16: bool = True)
             cfg, shapes, views, precision="bf16-mixed", fusion=fusion, **best
         )
     if with_compile:
-        settings["compiled"] = Setting(
-            cfg, shapes, views, precision=precision, fusion=fusion, compile=True, **best
-        )
+        for row, scope in (("compiled", "heads"), ("compiled-all", "all")):
+            settings[row] = Setting(
+                cfg, shapes, views, precision=precision, fusion=fusion, compile=scope, **best
+            )
     flops = step_flops(settings["baseline"].method, *views)
     fusion_only = settings["baseline"].method.fusion_options(*views)
     for s in settings.values():  # warm-up (oneDNN primitive caches, allocator)

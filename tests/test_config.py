@@ -204,3 +204,16 @@ def test_config_alone_stays_light_and_the_method_checks_its_options_when_built()
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     ).stdout
     assert "'loss.ssl_scale' is not an option of method 'comm'" in out
+
+
+@pytest.mark.parametrize(
+    ("value", "scope"),
+    [("true", "heads"), ("false", "off"), ("off", "off"), ("heads", "heads"), ("all", "all")],
+)
+def test_compile_scope_and_its_yaml_booleans(value, scope):
+    assert load_config(overrides=[f"train.compile={value}"]).train.compile == scope
+
+
+def test_compile_scope_unknown_is_rejected():
+    with pytest.raises(ValueError, match=r"train\.compile"):
+        load_config(overrides=["train.compile=encoders"])

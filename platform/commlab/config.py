@@ -271,7 +271,11 @@ class TrainConfig(_Strict):
     # bf16-mixed: autocast to bfloat16 (weights, optimiser and loss stay float32); auto: whichever
     # of the two a cached once-per-device measurement found faster (commlab.perf)
     precision: Literal["fp32", "bf16-mixed", "auto"] = "fp32"
-    compile: bool = False  # torch.compile the model's training step
+    # torch.compile part of the training forward: `heads` = what follows the encoders (CoMM's
+    # fusion transformer and projection head, a baseline's projection heads), where compiling
+    # pays on CPU (inductor's conv + BatchNorm training code is slower than oneDNN's);
+    # `all` = the whole forward. YAML true / false read as heads / off.
+    compile: Literal["off", "heads", "all"] = "off"
     # CoMM's n_mod+1 masked fusion passes: one packed forward, one forward per mask, one per
     # distinct token count (equal-length masks stacked), or the fastest of these as measured
     # once per device and model shape (cached)
@@ -288,6 +292,13 @@ class TrainConfig(_Strict):
     @classmethod
     def _precision_alias(cls, value: Any) -> Any:
         return "bf16-mixed" if value == "bf16" else value  # the name before bf16-mixed
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_alias(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML's `off` is false too
+            return "heads" if value else "off"
+        return value
 
 
 class ExperimentConfig(_Strict):

@@ -318,14 +318,19 @@ def test_mfu_uses_the_step_flops_and_the_compute_dtype_peak(perf_cache, monkeypa
 
 
 @pytest.mark.slow
-def test_compiled_step_equals_eager(perf_cache):
+@pytest.mark.parametrize("scope", ["heads", "all"])
+def test_compiled_step_equals_eager(perf_cache, scope):
     over = ("train.epochs=2", "train.probe_every=0", "train.max_steps_per_epoch=1")
     over = (*over, "train.fusion=sequential", "model.dropout=0.0")
     eager = PretrainRun(toy_config("comm", over), data=_bundle())
-    compiled = PretrainRun(toy_config("comm", (*over, "train.compile=true")), data=_bundle())
+    compiled = PretrainRun(toy_config("comm", (*over, f"train.compile={scope}")), data=_bundle())
     m_e, m_c = eager.run_epoch(0), compiled.run_epoch(0)
     assert compiled.compiled and not eager.compiled
-    assert compiled.method._compiled_call_impl is not None
+    assert f"compiled ({scope})" in compiled.settings_note
+    if scope == "all":
+        assert compiled.method._compiled_call_impl is not None
+    else:  # only the fusion and head: the encoders' forward stays eager
+        assert compiled.method.compiled_heads and compiled.method._compiled_call_impl is None
     assert m_c["train/loss"] == pytest.approx(m_e["train/loss"], rel=1e-5, abs=1e-6)
     # gradients of the first step; parameters are not compared: AdamW's first update is about
     # lr * sign(grad), so a gradient that is zero up to rounding (the attention's key bias)

@@ -290,10 +290,11 @@ class PretrainRun:
             self.method.fusion_path = path
             self.optimizer.zero_grad(set_to_none=True)  # the timing's gradients
             self.settings_note += f", fusion {path}"
-        if self.cfg.train.compile and not self.compiled:
-            self.method.compile()
+        scope = self.cfg.train.compile
+        if scope != "off" and not self.compiled:
+            self.method.compile_step(scope)
             self.compiled = True
-            self.settings_note += ", compiled"
+            self.settings_note += f", compiled ({scope})"
         if self.ctx.rank == 0:
             say(f"[commlab] {self.settings_note}")
 

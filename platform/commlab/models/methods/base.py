@@ -172,6 +172,17 @@ class Method(nn.Module):
         """What fusion speed depends on besides the input shapes (for caching timings)."""
         return ""
 
+    def compile_step(self, scope: str) -> None:
+        """torch.compile part of the training forward (`train.compile`): `all` compiles the
+        whole forward, `heads` what follows the encoders, by default the projection heads."""
+        if scope == "all":
+            self.compile()
+        elif scope == "heads":
+            for head in self.projection_heads():
+                head.compile()
+        else:
+            raise ValueError(f"compile scope must be 'heads' or 'all', got '{scope}'")
+
     def projection_heads(self) -> list[nn.Module]:
         """The training-only projection heads (`train.batchnorm_sync: head` syncs their
         BatchNorm statistics only)."""

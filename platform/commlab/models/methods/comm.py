@@ -3,7 +3,9 @@ align in multimodal contrastive learning?", ICLR 2025)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -34,6 +36,7 @@ class CoMM(Method):
     options: Options
     uses_tokens = True
     fusion_path = "packed"  # or "sequential", "grouped": the same numbers, speeds differ
+    compiled_heads = False  # `project` under torch.compile (`compile_step("heads")`)
 
     def __init__(self, cfg: ExperimentConfig, shapes: list[tuple[int, ...]]) -> None:
         super().__init__(cfg, shapes)
@@ -79,13 +82,27 @@ class CoMM(Method):
         width = self.fusion.ln_post.normalized_shape[0]
         return f"fusion(width={width},layers={len(blk)},heads={blk[0].n_heads if blk else 0},masks={len(self.masks)})"
 
+    def compile_step(self, scope: str) -> None:
+        """`heads`: compile the fusion passes and the projection head together, one graph
+        from the tokens to the projections (the encoders stay eager)."""
+        if scope == "heads":
+            self.compiled_heads = True
+        else:
+            super().compile_step(scope)
+
     def embed_views(self, view_a: Batch, view_b: Batch) -> tuple[list[Tensor], list[Tensor]]:
         tokens, pads = self.stack(cat_views(view_a, view_b))
-        fused = self.fuse(tokens, pads)  # K x (2B, E)
-        b, k = view_a.size, len(fused)
-        # BatchNorm statistics per mask and view, as in the paper, in one head pass.
-        z = self.head.forward_groups(torch.stack([f[:b] for f in fused] + [f[b:] for f in fused]))
+        project = _compiled_project() if self.compiled_heads else CoMM.project
+        z = project(self, tokens, pads, view_a.size)
+        k = len(z) // 2
         return list(z[:k]), list(z[k:])
+
+    def project(self, tokens: list[Tensor], pads: list[Tensor | None], b: int) -> Tensor:
+        """Both views' tokens (2B rows) -> (2K, B, out): the K fused embeddings of view a, then
+        those of view b, through the projection head."""
+        fused = self.fuse(tokens, pads)  # K x (2B, E)
+        # BatchNorm statistics per mask and view, as in the paper, in one head pass.
+        return self.head.forward_groups(torch.stack([f[:b] for f in fused] + [f[b:] for f in fused]))
 
     @classmethod
     def loss_keys(cls, n_mod: int) -> list[str]:
@@ -101,3 +118,10 @@ class CoMM(Method):
         out = self.fusion(tokens, pads)
         assert isinstance(out, Tensor)
         return out
+
+
+@functools.cache
+def _compiled_project() -> Callable[[CoMM, list[Tensor], list[Tensor | None], int], Tensor]:
+    """`CoMM.project` compiled once per process: the module is an argument, so copies of a
+    model each get their own guards, never another model's graph."""
+    return cast(Any, torch.compile(CoMM.project))
