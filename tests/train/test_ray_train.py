@@ -7,6 +7,8 @@ and sqlite MLflow store in its tmp_path, because Ray Train silently resumes a ru
 
 from __future__ import annotations
 
+import functools
+
 import os
 import statistics
 import time
@@ -472,6 +474,40 @@ def test_global_batchnorm_equals_batchnorm_on_the_concatenated_batch(tmp_path):
     for g in got:
         torch.testing.assert_close(g["running"][0], bn.running_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g["running"][1], bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def _bn_compiled_check(rank: int) -> dict:
+    """The grouped GlobalBatchNorm eager and under torch.compile (as `train.compile: heads`
+    runs CoMM's head), on one rank."""
+    x, w = _grouped_inputs()
+    out = {}
+    for name in ("eager", "compiled"):
+        bn = sync_batchnorm(nn.Sequential(nn.BatchNorm1d(C)), torch.device("cpu"))[0]
+        fn = functools.partial(batch_norm_groups, bn)
+        xr = x[:, rank * B : (rank + 1) * B].clone().requires_grad_()
+        y = (torch.compile(fn) if name == "compiled" else fn)(xr)
+        (y * w[:, rank * B : (rank + 1) * B]).sum().backward()
+        out[name] = {
+            "y": y.detach(), "grad": xr.grad, "wgrad": bn.weight.grad,
+            "running": (bn.running_mean.clone(), bn.running_var.clone()),
+        }  # fmt: skip
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_global_batchnorm_under_torch_compile_equals_eager(tmp_path):
+    ranks = run_on_workers(_bn_compiled_check, tmp_path, WORLD, timeout_s=150)
+    x, _ = _grouped_inputs()
+    for r in ranks:
+        for key in ("y", "grad", "wgrad"):
+            torch.testing.assert_close(r["compiled"][key], r["eager"][key], rtol=1e-4, atol=1e-5)
+        for k in range(2):
+            torch.testing.assert_close(r["compiled"]["running"][k], r["eager"]["running"][k])
+    # and the statistics are the global batch's, not the rank's own
+    y = torch.cat([r["compiled"]["y"] for r in ranks], 1)
+    ref = torch.stack([nn.functional.batch_norm(x[k], None, None, training=True) for k in range(3)])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_global_batchnorm_is_plain_batchnorm_without_workers():

@@ -121,7 +121,7 @@ class GlobalBatchNorm(_BatchNorm):
             y = y * self.weight.to(work).view(shape) + self.bias.to(work).view(shape)
         return y.to(x.dtype)
 
-    @torch.compiler.disable  # a collective: compiled callers break their graph here
+    @torch.compiler.disable  # the collective always runs eagerly, also inside compiled code
     def sum_over_workers(self, local: Tensor) -> Tensor:
         """`local` (float64 statistics) summed over workers, with gradient: the hook through
         which `commlab.models.norm.batch_norm_groups` makes one collective for many batches."""
