@@ -7,7 +7,9 @@ pre-made views (augmentation is not timed).
 
 Settings, timed interleaved (one step of each per round, so the machine's load hits all alike):
   baseline     commlab before this bench's speed work: fp32, eager, one fusion forward per mask
-               (sequential), contiguous (NCHW) convs, AdamW's per-parameter loop, torch's own
+               (sequential), its last block on every token (as the paper's code; commlab now
+               computes only the CLS outputs there, `FusionTransformer.cls_only_last`),
+               contiguous (NCHW) convs, AdamW's per-parameter loop, torch's own
                TransformerEncoderLayer (its Bernoulli dropout) in sequence encoders
   packed       the baseline with the packed one-forward fusion
   auto         what `train.precision=auto, train.fusion=auto` (and the defaults channels_last,
@@ -101,9 +103,13 @@ class Setting:
         fused_adamw: bool,
         compile: str = "off",
         torch_layers: bool = False,
+        cls_only_last: bool = True,
     ) -> None:
         torch.manual_seed(0)
         self.method = build_method(cfg, shapes)
+        fusion_module = getattr(self.method, "fusion", None)
+        if fusion_module is not None:  # False: the last fusion block on every token
+            fusion_module.cls_only_last = cls_only_last
         if torch_layers:  # the same parameters, torch's own forward (and dropout)
             for m in self.method.modules():
                 if isinstance(m, EncoderLayer):
@@ -126,6 +132,7 @@ class Setting:
             "fused_adamw": fused_adamw,
             "compile": compile,
             "cheap_dropout": not torch_layers,
+            "cls_only_last": cls_only_last,
         }
         self.compile_s = None
         if compile != "off":
@@ -178,7 +185,12 @@ def run_case(name: str, rounds: int, with_compile: bool, with_bf16: bool = True)
     cfg = load_config(path, [*overrides, "train.precision=fp32"])
     views = make_views(cfg, shapes)
     precision, fusion, notes = auto_settings(cfg, shapes, views)
-    base = {"channels_last": False, "fused_adamw": False, "torch_layers": True}
+    base = {
+        "channels_last": False,
+        "fused_adamw": False,
+        "torch_layers": True,
+        "cls_only_last": False,
+    }
     best = {"channels_last": True, "fused_adamw": True}
     settings = {
         "baseline": Setting(cfg, shapes, views, precision="fp32", fusion="sequential", **base),

@@ -226,3 +226,31 @@ def test_fusion_under_bf16_autocast_stays_close_to_fp32():
         low = fusion(tokens, [None, None], masks)
     for a, b in zip(ref, low, strict=True):
         assert (a - b.float()).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("path", ["fuse_batched", "fuse_sequential", "fuse_grouped"])
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_cls_only_last_block_equals_the_full_block_with_gradients(path, n_layers):
+    """pool='cls': the last block computing only the CLS outputs gives the numbers (and
+    gradients) of the block run on every token, as the paper's code runs it."""
+    torch.manual_seed(2)
+    lengths, valid = (5, 7, 3), [[5, 2, 4, 1], None, [3, 3, 1, 2]]
+    short = FusionTransformer(32, 4, n_layers, "cls")
+    full = FusionTransformer(32, 4, n_layers, "cls")
+    full.load_state_dict(short.state_dict())
+    full.cls_only_last = False
+    tokens = [t.requires_grad_(True) for t in _tokens(lengths=lengths)]
+    pads = _pads(4, lengths, valid)
+    masks = comm_masks(3)
+    outs = [getattr(f, path)(tokens, pads, masks) for f in (short, full)]
+    for a, b in zip(*outs, strict=True):
+        assert a.shape == (4, 32)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    grads = []
+    for f, out in zip((short, full), outs, strict=True):
+        loss = sum((o * torch.linspace(-1, 1, 32)).square().sum() for o in out)
+        grads.append(torch.autograd.grad(loss, [*tokens, *f.parameters()]))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # the plain forward (all modalities, what the probe sees) too
+    torch.testing.assert_close(short(tokens, pads), full(tokens, pads), atol=1e-5, rtol=1e-5)

@@ -29,6 +29,9 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+Queries = slice | Tensor | None  # positions along the token axis whose outputs are wanted
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float) -> Tensor:
     """Scaled dot-product attention. `mask`: bool, True = the key takes part.
 
@@ -66,19 +69,27 @@ class Block(nn.Module):
         self.c_proj = nn.Linear(4 * width, width)
         self.dropout = dropout
 
-    def attention(self, x: Tensor, keep: Tensor | None) -> Tensor:
+    def attention(self, x: Tensor, keep: Tensor | None, queries: Queries = None) -> Tensor:
         b, n, w = x.shape
         q, k, v = self.in_proj(x).view(b, n, 3, self.n_heads, w // self.n_heads).unbind(2)
+        if queries is not None:
+            q = q[:, queries]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         mask = None
         if keep is not None:  # (N, L) key mask, or (N, L, L) query x key mask
-            mask = keep[:, None, None, :] if keep.dim() == 2 else keep[:, None]
+            if keep.dim() == 2:
+                mask = keep[:, None, None, :]
+            else:
+                mask = (keep if queries is None else keep[:, queries])[:, None]
         drop = self.dropout if self.training else 0.0
         y = attention(q, k, v, mask, drop)
-        return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
+        return self.out_proj(y.transpose(1, 2).reshape(b, q.shape[2], w))
 
-    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        x = x + self.attention(self.ln_1(x), keep)
+    def forward(self, x: Tensor, keep: Tensor | None = None, queries: Queries = None) -> Tensor:
+        """x (N, L, E) -> (N, L, E); with `queries` (positions along L), the outputs at those
+        positions only, (N, Q, E): every token is still a key and value, but only the queried
+        ones get the attention output, the MLP and the residuals."""
+        x = (x if queries is None else x[:, queries]) + self.attention(self.ln_1(x), keep, queries)
         h = self.c_proj(self.act(self.c_fc(self.ln_2(x))))
         if self.dropout and self.training:
             h = F.dropout(h, self.dropout)
@@ -111,6 +122,20 @@ class FusionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(embed_dim, n_heads, dropout) for _ in range(n_layers))
         self.ln_post = nn.LayerNorm(embed_dim)
         self._clip_init(embed_dim, n_layers)
+        # pool='cls': the last block computes only the CLS outputs, the only ones pooled (the
+        # same numbers); False runs it on every token, as the paper's code does
+        self.cls_only_last = True
+
+    def _blocks(self, x: Tensor, keep: Tensor | None, cls_at: Queries) -> Tensor:
+        """The blocks on (N, L, E); with `cls_at` (the CLS positions) only the outputs there,
+        (N, Q, E), which the last block then computes alone (`cls_only_last`)."""
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            queries = cls_at if i == last and self.cls_only_last else None
+            x = blk(x, keep, queries)
+        if cls_at is not None and not (self.cls_only_last and self.blocks):
+            x = x[:, cls_at]
+        return x
 
     def _clip_init(self, width: int, layers: int) -> None:
         attn_std = width**-0.5
@@ -134,11 +159,9 @@ class FusionTransformer(nn.Module):
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
             if present is not None:
                 keep = torch.cat([present.new_ones(x.shape[0], 1), present], dim=1)
-        for blk in self.blocks:
-            x = blk(x, keep)
-        x = self.ln_post(x)
-        if self.cls is not None:
-            return x[:, 0]
+            x = self._blocks(x, keep, slice(0, 1))
+            return self.ln_post(x[:, 0])  # LayerNorm is per token: the CLS one only
+        x = self.ln_post(self._blocks(x, keep, None))
         if present is None:
             return x.mean(1)
         w = present.to(x.dtype).unsqueeze(-1)
@@ -208,21 +231,21 @@ class FusionTransformer(nn.Module):
         same = (seg[:, :, None] == seg[:, None, :]) & (seg >= 0)[:, None, :]  # (R, W, W)
         eye = torch.eye(width, dtype=torch.bool, device=x.device)
         allowed = (same.repeat_interleave(b, 0) & key_ok[:, None, :]) | eye
-        for blk in self.blocks:
-            xr = blk(xr, allowed)
-        xr = self.ln_post(xr).view(rows, b, width, -1)
+        if self.cls is not None:  # each segment's CLS: the same few positions in every row
+            firsts = sorted({first for _, first in layout[2]})
+            at = torch.tensor(firsts, device=x.device)
+            xr = self.ln_post(self._blocks(xr, allowed, at)).view(rows, b, len(firsts), -1)
+            return [xr[r, :, firsts.index(first)] for r, first in layout[2]]
+        xr = self.ln_post(self._blocks(xr, allowed, None)).view(rows, b, width, -1)
         outs = []
         for k in range(len(masks)):
-            r, first = layout[2][k]
-            if self.cls is not None:
-                outs.append(xr[r, :, first])
-            else:
-                w = (
-                    ((seg[r] == k)[None, :] & key_ok.view(rows, b, width)[r])
-                    .to(xr.dtype)
-                    .unsqueeze(-1)
-                )
-                outs.append((xr[r] * w).sum(1) / w.sum(1).clamp_min(1.0))
+            r = layout[2][k][0]
+            w = (
+                ((seg[r] == k)[None, :] & key_ok.view(rows, b, width)[r])
+                .to(xr.dtype)
+                .unsqueeze(-1)
+            )
+            outs.append((xr[r] * w).sum(1) / w.sum(1).clamp_min(1.0))
         return outs
 
     def fuse_sequential(
