@@ -20,10 +20,11 @@ Settings, timed interleaved (one step of each per round, so the machine's load h
   compiled-all auto's settings with `train.compile: all`: the whole forward compiled
 The fusion alone (forward + backward of the n_mod+1 masked passes) is timed both ways too.
 
-MFU (commlab.perf): step FLOPs (forward + backward, FlopCounterMode) / step time / dense compute
-peak of the setting's compute dtype (the faster of a matmul and a 3 x 3 convolution); the fp32
-and bf16 peaks are re-measured in every round, between the steps. Medians with min-max over
-rounds; machine, threads and load average recorded.
+MFU (commlab.perf): the setting's own step FLOPs (forward + backward, FlopCounterMode; fewer than
+the baseline's with the CLS-only last fusion block) / step time / dense compute peak of its
+dtype (the faster of a matmul and a 3 x 3 convolution); the fp32 and bf16 peaks are re-measured
+in every round, between the steps. Medians with min-max over rounds; machine, threads and load
+average recorded.
 
     python bench/step_throughput.py [--rounds 5] [--threads 2] [--cases tri64,tri224,mosi] [--compile tri64]
 """
@@ -206,7 +207,14 @@ def run_case(name: str, rounds: int, with_compile: bool, with_bf16: bool = True)
             settings[row] = Setting(
                 cfg, shapes, views, precision=precision, fusion=fusion, compile=scope, **best
             )
-    flops = step_flops(settings["baseline"].method, *views)
+    # each setting's own FLOPs (the CLS-only last fusion block does less work than the
+    # baseline's); compiled settings do auto's
+    flops_of = {
+        k: step_flops(s.method, *views)
+        for k, s in settings.items()
+        if s.describe["compile"] == "off"
+    }
+    flops = flops_of["baseline"]
     fusion_only = settings["baseline"].method.fusion_options(*views)
     for s in settings.values():  # warm-up (oneDNN primitive caches, allocator)
         s.step()
@@ -243,7 +251,8 @@ def run_case(name: str, rounds: int, with_compile: bool, with_bf16: bool = True)
     }
     for k, s in settings.items():
         dtype_peak = peaks[s.precision]
-        per_round_mfu = [flops / t / p for t, p in zip(times[k], dtype_peak, strict=True)]
+        f = flops_of.get(k, flops_of["auto"])
+        per_round_mfu = [f / t / p for t, p in zip(times[k], dtype_peak, strict=True)]
         med = statistics.median(times[k])
         out["settings"][k] = {
             **s.describe,
@@ -253,6 +262,7 @@ def run_case(name: str, rounds: int, with_compile: bool, with_bf16: bool = True)
             "speedup_vs_baseline_per_round": [
                 b / t for b, t in zip(times["baseline"], times[k], strict=True)
             ],
+            "flops_per_step": f,
             "mfu": summary(per_round_mfu),
             "compile_s": s.compile_s,
         }
@@ -308,7 +318,7 @@ def write(out: Path, machine: dict[str, Any], rounds: int, wall: float, results:
         "machine_at_end": machine_info(),
         "rounds": rounds,
         "wall_s": wall,
-        "mfu_definition": "step FLOPs (fwd+bwd, FlopCounterMode) / step time / dense compute "
+        "mfu_definition": "the setting's step FLOPs (fwd+bwd, FlopCounterMode) / step time / dense compute "
         "peak of the compute dtype (faster of a 1024^3 matmul and a 3x3 conv), peaks re-measured "
         "every round",
         "results": results,

@@ -8,7 +8,6 @@ and sqlite MLflow store in its tmp_path, because Ray Train silently resumes a ru
 from __future__ import annotations
 
 import functools
-
 import os
 import statistics
 import time

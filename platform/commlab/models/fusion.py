@@ -240,11 +240,7 @@ class FusionTransformer(nn.Module):
         outs = []
         for k in range(len(masks)):
             r = layout[2][k][0]
-            w = (
-                ((seg[r] == k)[None, :] & key_ok.view(rows, b, width)[r])
-                .to(xr.dtype)
-                .unsqueeze(-1)
-            )
+            w = ((seg[r] == k)[None, :] & key_ok.view(rows, b, width)[r]).to(xr.dtype).unsqueeze(-1)
             outs.append((xr[r] * w).sum(1) / w.sum(1).clamp_min(1.0))
         return outs
 

@@ -102,7 +102,9 @@ class CoMM(Method):
         those of view b, through the projection head."""
         fused = self.fuse(tokens, pads)  # K x (2B, E)
         # BatchNorm statistics per mask and view, as in the paper, in one head pass.
-        return self.head.forward_groups(torch.stack([f[:b] for f in fused] + [f[b:] for f in fused]))
+        return self.head.forward_groups(
+            torch.stack([f[:b] for f in fused] + [f[b:] for f in fused])
+        )
 
     @classmethod
     def loss_keys(cls, n_mod: int) -> list[str]:
