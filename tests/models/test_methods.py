@@ -175,3 +175,18 @@ def test_fusion_options_time_every_path_without_touching_batchnorm():
 def test_projection_heads(method, n_heads):
     _, model, *_ = _setup(method)
     assert len(model.projection_heads()) == n_heads
+
+
+def test_compile_heads_says_what_it_compiles_per_method():
+    """`train.compile: heads` compiles what follows the encoders: CoMM's fusion and head, a
+    baseline's projection heads, and says so when a method has none."""
+    shapes = [(8, 6), (8, 5)]
+    comm = build_method(toy_config("comm"), shapes)
+    assert comm.compile_step("heads") == "fusion and projection head" and comm.compiled_heads
+    cross_self = build_method(toy_config("cross_self"), shapes)
+    assert cross_self.compile_step("heads") == "2 projection head(s)"
+    assert all(h._compiled_call_impl is not None for h in cross_self.projection_heads())
+    cross = build_method(toy_config("cross"), shapes)
+    assert cross.compile_step("heads") == "nothing: no projection head"
+    with pytest.raises(ValueError, match="compile scope"):
+        cross.compile_step("encoders")

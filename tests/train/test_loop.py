@@ -326,7 +326,8 @@ def test_compiled_step_equals_eager(perf_cache, scope):
     compiled = PretrainRun(toy_config("comm", (*over, f"train.compile={scope}")), data=_bundle())
     m_e, m_c = eager.run_epoch(0), compiled.run_epoch(0)
     assert compiled.compiled and not eager.compiled
-    assert f"compiled ({scope})" in compiled.settings_note
+    what = {"heads": "fusion and projection head", "all": "the whole forward"}[scope]
+    assert f"compiled ({scope}: {what})" in compiled.settings_note
     if scope == "all":
         assert compiled.method._compiled_call_impl is not None
     else:  # only the fusion and head: the encoders' forward stays eager

@@ -292,9 +292,9 @@ class PretrainRun:
             self.settings_note += f", fusion {path}"
         scope = self.cfg.train.compile
         if scope != "off" and not self.compiled:
-            self.method.compile_step(scope)
+            what = self.method.compile_step(scope)
             self.compiled = True
-            self.settings_note += f", compiled ({scope})"
+            self.settings_note += f", compiled ({scope}: {what})"
         if self.ctx.rank == 0:
             say(f"[commlab] {self.settings_note}")
 

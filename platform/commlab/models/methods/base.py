@@ -172,16 +172,19 @@ class Method(nn.Module):
         """What fusion speed depends on besides the input shapes (for caching timings)."""
         return ""
 
-    def compile_step(self, scope: str) -> None:
+    def compile_step(self, scope: str) -> str:
         """torch.compile part of the training forward (`train.compile`): `all` compiles the
-        whole forward, `heads` what follows the encoders, by default the projection heads."""
+        whole forward, `heads` what follows the encoders, by default the projection heads.
+        Returns what was compiled, for the run's settings line."""
         if scope == "all":
             self.compile()
-        elif scope == "heads":
-            for head in self.projection_heads():
-                head.compile()
-        else:
+            return "the whole forward"
+        if scope != "heads":
             raise ValueError(f"compile scope must be 'heads' or 'all', got '{scope}'")
+        heads = self.projection_heads()
+        for head in heads:
+            head.compile()
+        return f"{len(heads)} projection head(s)" if heads else "nothing: no projection head"
 
     def projection_heads(self) -> list[nn.Module]:
         """The training-only projection heads (`train.batchnorm_sync: head` syncs their

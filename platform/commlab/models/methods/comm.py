@@ -82,13 +82,13 @@ class CoMM(Method):
         width = self.fusion.ln_post.normalized_shape[0]
         return f"fusion(width={width},layers={len(blk)},heads={blk[0].n_heads if blk else 0},masks={len(self.masks)})"
 
-    def compile_step(self, scope: str) -> None:
+    def compile_step(self, scope: str) -> str:
         """`heads`: compile the fusion passes and the projection head together, one graph
         from the tokens to the projections (the encoders stay eager)."""
-        if scope == "heads":
-            self.compiled_heads = True
-        else:
-            super().compile_step(scope)
+        if scope != "heads":
+            return super().compile_step(scope)
+        self.compiled_heads = True
+        return "fusion and projection head"
 
     def embed_views(self, view_a: Batch, view_b: Batch) -> tuple[list[Tensor], list[Tensor]]:
         tokens, pads = self.stack(cat_views(view_a, view_b))
