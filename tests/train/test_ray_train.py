@@ -421,16 +421,23 @@ def _bn_checks(rank: int) -> dict:
             "type": type(bn).__name__,
         }  # fmt: skip
     # grouped: G batches in one pass, each normalised with its own global statistics
+    res["grouped"] = _grouped_bn_on_rank(rank)
+    return res
+
+
+def _grouped_bn_on_rank(rank: int, compiled: bool = False) -> dict:
+    """The grouped GlobalBatchNorm on this rank's part of `_grouped_inputs` (through
+    torch.compile, as `train.compile: heads` runs CoMM's head, when `compiled`)."""
     x, w = _grouped_inputs()
     bn = sync_batchnorm(nn.Sequential(nn.BatchNorm1d(C)), torch.device("cpu"))[0]
+    fn = functools.partial(batch_norm_groups, bn)
     xr = x[:, rank * B : (rank + 1) * B].clone().requires_grad_()
-    y = batch_norm_groups(bn, xr)
+    y = (torch.compile(fn) if compiled else fn)(xr)
     (y * w[:, rank * B : (rank + 1) * B]).sum().backward()
-    res["grouped"] = {
+    return {
         "y": y.detach(), "grad": xr.grad, "wgrad": bn.weight.grad,
         "running": (bn.running_mean.clone(), bn.running_var.clone()),
     }  # fmt: skip
-    return res
 
 
 @pytest.mark.slow
@@ -476,21 +483,11 @@ def test_global_batchnorm_equals_batchnorm_on_the_concatenated_batch(tmp_path):
 
 
 def _bn_compiled_check(rank: int) -> dict:
-    """The grouped GlobalBatchNorm eager and under torch.compile (as `train.compile: heads`
-    runs CoMM's head), on one rank."""
-    x, w = _grouped_inputs()
-    out = {}
-    for name in ("eager", "compiled"):
-        bn = sync_batchnorm(nn.Sequential(nn.BatchNorm1d(C)), torch.device("cpu"))[0]
-        fn = functools.partial(batch_norm_groups, bn)
-        xr = x[:, rank * B : (rank + 1) * B].clone().requires_grad_()
-        y = (torch.compile(fn) if name == "compiled" else fn)(xr)
-        (y * w[:, rank * B : (rank + 1) * B]).sum().backward()
-        out[name] = {
-            "y": y.detach(), "grad": xr.grad, "wgrad": bn.weight.grad,
-            "running": (bn.running_mean.clone(), bn.running_var.clone()),
-        }  # fmt: skip
-    return out
+    """The grouped GlobalBatchNorm eager and under torch.compile, on one rank."""
+    return {
+        "eager": _grouped_bn_on_rank(rank),
+        "compiled": _grouped_bn_on_rank(rank, compiled=True),
+    }
 
 
 @pytest.mark.slow
