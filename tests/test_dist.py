@@ -94,6 +94,10 @@ def _checks(rank: int) -> dict[str, Any]:
         raws = [_rows(x, rank) for x in _global_inputs(n, D_IN, 1)]
         fn(_encode(ddp, raws), True).loss.backward()
         res[name]["ddp_grads"] = [p.grad.clone() for p in enc.parameters()]
+        plain = _encoder()  # the same step, averaged after the backward pass instead of by DDP
+        fn(_encode(plain, raws), True).loss.backward()
+        dist.average_gradients_later(list(plain.parameters()))()
+        res[name]["deferred_grads"] = [p.grad.clone() for p in plain.parameters()]
 
     z1, z2 = (_rows(x, rank) for x in _global_inputs(2, D, 2))
     res["clip_loss"] = clip_loss(z1, z2, LogitScale()(), gather=True).loss.detach()
@@ -127,6 +131,27 @@ def _checks(rank: int) -> dict[str, Any]:
     res["later"] = later()
     res["later_input"] = mine.clone()
     res["broadcast"] = dist.broadcast_object({"from": rank}, src=0)
+
+    # gradients of two dtypes and a parameter without one, a flag summed alongside
+    p64 = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    p32 = nn.Parameter(torch.zeros(2, 2))
+    unused = nn.Parameter(torch.ones(2))
+    p64.grad = torch.full((3,), 2.0 * (rank + 1), dtype=torch.float64)
+    p32.grad = torch.full((2, 2), float(rank))
+    grad_before = p32.grad
+    finish = dist.average_gradients_later([p64, p32, unused], torch.tensor([float(rank + 1)]))
+    res["average_meanwhile"] = dist.all_reduce_mean(torch.tensor([1.0]))  # queued behind it
+    res["average"] = {
+        "extra": finish(),
+        "grads": [p64.grad, p32.grad, unused.grad],
+        "in_place": p32.grad is grad_before,
+    }
+    module = nn.BatchNorm1d(2)
+    with torch.no_grad():
+        module.weight.fill_(rank + 1.0)
+        module.running_mean.fill_(10.0 * rank)
+    dist.broadcast_module(module, src=0)
+    res["broadcast_module"] = {k: v.clone() for k, v in module.state_dict().items()}
     res["rank_zero"] = dist.rank_zero_only(lambda: "ran")()
     dist.barrier()
     return res
@@ -201,13 +226,44 @@ def test_gathered_loss_and_input_grads_match_single_process(
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_ddp_parameter_grads_match_single_process(results: list[dict[str, Any]], name: str) -> None:
+@pytest.mark.parametrize("how", ["ddp", "deferred"])
+def test_parameter_grads_match_single_process(
+    results: list[dict[str, Any]], name: str, how: str
+) -> None:
     fn, n = CASES[name]
     enc = _encoder()
     fn(_encode(enc, _global_inputs(n, D_IN, 1)), False).loss.backward()
     for res in results:
-        for got, p in zip(res[name]["ddp_grads"], enc.parameters(), strict=True):
+        for got, p in zip(res[name][f"{how}_grads"], enc.parameters(), strict=True):
             torch.testing.assert_close(got, p.grad)
+
+
+def test_average_gradients_later_averages_every_dtype_and_sums_the_extra(
+    results: list[dict[str, Any]],
+) -> None:
+    for res in results:
+        got = res["average"]
+        assert got["extra"].tolist() == [3.0]  # 1 + 2: summed, not averaged
+        torch.testing.assert_close(got["grads"][0], torch.full((3,), 3.0, dtype=torch.float64))
+        torch.testing.assert_close(got["grads"][1], torch.full((2, 2), 0.5))
+        torch.testing.assert_close(got["grads"][2], torch.zeros(2))  # none anywhere: zeros
+        assert got["in_place"]
+        assert res["average_meanwhile"].item() == 1.0
+    # not distributed: gradients untouched, the extra handed back
+    p = nn.Parameter(torch.zeros(2))
+    p.grad = torch.ones(2)
+    flag = torch.tensor([1.0])
+    assert dist.average_gradients_later([p], flag)() is flag
+    assert p.grad.tolist() == [1.0, 1.0]
+
+
+def test_broadcast_module_gives_every_rank_rank_zeros_weights_and_buffers(
+    results: list[dict[str, Any]],
+) -> None:
+    for res in results:
+        state = res["broadcast_module"]
+        assert state["weight"].tolist() == [1.0, 1.0]
+        assert state["running_mean"].tolist() == [0.0, 0.0]
 
 
 def test_clip_rank_losses_average_to_single_process(results: list[dict[str, Any]]) -> None:

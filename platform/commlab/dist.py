@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -162,6 +162,61 @@ def all_reduce_sum_later(t: Tensor) -> Callable[[], Tensor]:
         return out
 
     return result
+
+
+def average_gradients_later(
+    params: Sequence[Tensor], extra: Tensor | None = None
+) -> Callable[[], Tensor | None]:
+    """Start averaging the gradients of `params` over ranks, all of them in one flat all-reduce
+    (one per dtype), with `extra` summed (not averaged) alongside; return a call that waits,
+    writes each parameter's averaged gradient (zeros where it had none) and returns the summed
+    `extra`. The caller computes meanwhile: a data-parallel step waits for the sum only before
+    the optimiser needs it. Every rank must call it at the same point of its collectives, with
+    the same parameters. Not distributed: the gradients stay as they are, `extra` is returned."""
+    if not is_dist():
+        return lambda: extra
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, g in enumerate(grads):
+        groups.setdefault(g.dtype, []).append(i)
+    pending = []
+    carried: Tensor | None = None
+    for n, (dtype, idx) in enumerate(groups.items()):
+        parts = [grads[i].reshape(-1) for i in idx]
+        if n == 0 and extra is not None:
+            parts.append(extra.detach().reshape(-1).to(dtype))
+        flat = torch.cat(parts)
+        pending.append((idx, flat, tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, async_op=True)))
+    world = get_world_size()
+
+    def finish() -> Tensor | None:
+        nonlocal carried
+        for n, (idx, flat, work) in enumerate(pending):
+            if work is not None:
+                work.wait()
+            offset = 0
+            for i in idx:
+                chunk = flat[offset : offset + grads[i].numel()].view_as(grads[i]).div_(world)
+                offset += grads[i].numel()
+                if params[i].grad is None:
+                    params[i].grad = chunk.clone()
+                else:
+                    params[i].grad.copy_(chunk)  # type: ignore[union-attr]
+            if n == 0 and extra is not None:
+                carried = flat[offset:].view_as(extra).to(extra.dtype)
+        return carried
+
+    return finish
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank `src`'s parameters and buffers on every rank, in place: what DDP does when it wraps
+    a module, for a module trained without DDP. No-op when not distributed."""
+    if not is_dist():
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            tdist.broadcast(t.data, src=src)
 
 
 def broadcast_object(obj: R, src: int = 0) -> R:

@@ -86,6 +86,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_grad_sync(cfg: ExperimentConfig, ctx: WorkerContext) -> str:
+    """How this run averages gradients (`train.grad_sync`): "none" (one worker), "ddp" or
+    "deferred"; `auto` is deferred on CPU (the all-reduce then overlaps the next batch's
+    augmentation instead of competing with the backward pass for the same cores) and ddp on
+    CUDA (NCCL overlaps it with the backward pass on the GPU)."""
+    if ctx.world_size == 1:
+        return "none"
+    if cfg.train.grad_sync == "auto":
+        return "deferred" if ctx.device.type == "cpu" else "ddp"
+    return cfg.train.grad_sync
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The global torch seed of worker `rank` after model construction (rank 0 keeps `seed`)."""
     return seed + 1_000_033 * rank
@@ -196,7 +208,10 @@ class PretrainRun:
         if cfg.train.channels_last and has_conv(self.method):
             # Module.to takes memory_format at run time; torch's overloads leave it out
             self.method.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.grad_sync = resolve_grad_sync(cfg, self.ctx)
         self.model: nn.Module = wrap_model(self.method) if wrap_model else self.method
+        if self.grad_sync == "deferred":  # DDP would have made rank 0's weights everyone's
+            dist.broadcast_module(self.method, src=0)
         if self.ctx.world_size > 1:
             # Same initial weights everywhere (seeded above), but each rank its own dropout
             # masks from here on: identical masks on every worker would correlate their gradients.
@@ -332,22 +347,23 @@ class PretrainRun:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + ctx.rank)
         gather = cfg.loss.gather and ctx.world_size > 1
         sums: dict[str, float] = {}
+        per_rank = self.per_rank_batch
+
+        def views(step: int) -> tuple[Any, Any]:
+            return self._views(order[step * per_rank : (step + 1) * per_rank], gen)
+
         t0 = time.perf_counter()
+        upcoming = views(0)
         for step in range(self.steps_per_epoch):
-            ids = order[step * self.per_rank_batch : (step + 1) * self.per_rank_batch]
-            va, vb = self._views(ids, gen)
+            va, vb = upcoming
             if self.flops_per_step is None:  # every rank: synced BatchNorm communicates
                 self._first_step(va, vb)
             with dist.equal_batch_sizes(), self._autocast():  # every rank: per_rank_batch rows
                 out = self.model(va, vb, gather=gather)
-            # every rank learns whether any rank's loss is non-finite, without waiting for it
-            # before the backward pass: the answer is needed only before the optimiser step
-            bad_anywhere = dist.all_reduce_sum_later(
-                torch.tensor([0.0 if torch.isfinite(out.loss.detach()) else 1.0])
-            )
-            self.optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            self._check_finite(out, step, float(bad_anywhere()) > 0)
+            bad_anywhere = self._backward(out)
+            if step + 1 < self.steps_per_epoch:  # meanwhile the gradients may be in transit
+                upcoming = views(step + 1)
+            self._check_finite(out, step, bad_anywhere())
             if cfg.optim.grad_clip > 0:
                 nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.grad_clip)
             self.optimizer.step()
@@ -369,6 +385,30 @@ class PretrainRun:
             peak = self.peaks.peak(COMPUTE_DTYPE[self.precision])
             metrics["perf/mfu"] = mfu(self.flops_per_step, elapsed / n, peak)
         return metrics
+
+    def _backward(self, out: Any) -> Callable[[], bool]:
+        """The backward pass of `out.loss`; returns a call that completes the gradient
+        averaging and says whether any rank's loss was non-finite.
+
+        Every rank learns about a non-finite loss without waiting for it in the middle of the
+        step: with DDP (or one worker) the flag's all-reduce starts before the backward pass;
+        with `deferred` gradient sync it rides in the gradients' own all-reduce, which the
+        caller overlaps with the next batch's augmentation before calling the result."""
+        bad = torch.tensor([0.0 if torch.isfinite(out.loss.detach()) else 1.0])
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_sync != "deferred":
+            bad_sum = dist.all_reduce_sum_later(bad)
+            out.loss.backward()
+            return lambda: float(bad_sum()) > 0
+        out.loss.backward()
+        params = [p for p in self.method.parameters() if p.requires_grad]
+        finish = dist.average_gradients_later(params, bad)
+
+        def done() -> bool:
+            summed = finish()
+            return summed is not None and float(summed) > 0
+
+        return done
 
     def _check_finite(self, out: Any, step: int, bad_anywhere: bool) -> None:
         """Raise on every rank together when any rank's loss was non-finite (before the

@@ -1,9 +1,9 @@
 """The Ray Train worker function: a thin shell around `PretrainRun`.
 
 Each of the N workers builds the same `PretrainRun` with its rank (DistributedSampler shard,
-negatives gathered across workers by the objectives), wraps the model in DDP with BatchNorm
-synchronised over the global batch (`train.batchnorm_sync`: all, head or none; none whenever
-`sync_batchnorm=False`), and after every epoch calls `ray.train.report` with a
+negatives gathered across workers by the objectives), synchronises BatchNorm over the global
+batch (`train.batchnorm_sync`: all, head or none; none whenever `sync_batchnorm=False`), averages
+gradients with DDP or after the backward pass (`train.grad_sync`), and after every epoch calls `ray.train.report` with a
 checkpoint (a barrier every rank joins). Rank 0 writes `checkpoint.pt` (self-describing,
 `commlab.checkpoint_format`); every rank adds its own RNG state as `rng-rank<r>.pt` (Ray merges
 the ranks' directories). A restarted attempt resumes from `ray.train.get_checkpoint()`: model,
@@ -47,7 +47,13 @@ from commlab.tags import ATTEMPTS_TAG, RESUMED_FROM_EPOCH_TAG, WORKERS_TAG
 from commlab.tracking import RunLogger
 from commlab.train.checkpoint import rng_state, set_rng_state
 from commlab.train.epoch_end import checkpoint_payload, format_progress
-from commlab.train.loop import NonFiniteLossError, PretrainRun, WorkerContext, say
+from commlab.train.loop import (
+    NonFiniteLossError,
+    PretrainRun,
+    WorkerContext,
+    resolve_grad_sync,
+    say,
+)
 
 # ---------------------------------------------------------------- console
 REPORT_LINES = ("Checkpoint successfully created at", "Reporting training result")
@@ -89,12 +95,18 @@ def sync_scope(method: nn.Module, device: torch.device, scope: str | bool = "all
         assert converted is module  # conversion replaces children; PretrainRun keeps `method`
 
 
-def wrap_for_ddp(method: nn.Module, ctx: WorkerContext, sync_bn: str | bool = "all") -> nn.Module:
-    """DDP around `method` when there is more than one worker, BatchNorm synced first over
-    `sync_bn` (see `sync_scope`)."""
+def wrap_for_data_parallel(
+    method: nn.Module, ctx: WorkerContext, sync_bn: str | bool = "all", grad_sync: str = "ddp"
+) -> nn.Module:
+    """`method` ready for data parallelism over `ctx.world_size` workers: BatchNorm synced over
+    `sync_bn` (see `sync_scope`), then DDP around it (`grad_sync` "ddp"), or `method` itself
+    when the training loop averages the gradients (`grad_sync` "deferred", see
+    `PretrainRun._backward`). One worker: `method` unchanged."""
     if ctx.world_size == 1:
         return method
     sync_scope(method, ctx.device, sync_bn)
+    if grad_sync == "deferred":
+        return method
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # Buffers are synced once at init, never per step: synced BatchNorm keeps them identical
     # on every rank; unsynced layers (scope head / none) keep each rank's shard statistics and
@@ -156,7 +168,7 @@ def build_run(
     scope = cfg.train.batchnorm_sync if sync_bn else "none"
 
     def wrap(method: nn.Module) -> nn.Module:
-        model = wrap_for_ddp(method, ctx, scope)
+        model = wrap_for_data_parallel(method, ctx, scope, resolve_grad_sync(cfg, ctx))
         if hooks.get("nan_at_step") is not None:
             model = _NanAtStep(model, int(hooks["nan_at_step"]))
         return model
