@@ -12,15 +12,12 @@ global batch 128, no probing. Every case trains the same epochs with a checkpoin
                split 64 + 64)
   ray-2w-1t-head  the same with only the projection head's BatchNorm synced (batchnorm_sync=head)
   ray-2w-1t-none  the same with per-worker BatchNorm statistics everywhere (batchnorm_sync=none)
-  ray-1w-1t-poll2s, ray-2w-1t-none-poll2s  ray-1w-1t and ray-2w-1t-none with Ray Train's own
-               controller poll interval (2 s) instead of commlab's (`trainer.REPORT_POLL_S`):
-               a worker's next report waits until the controller took the previous one.
-               Runs of 4 epochs see only the start of that: the first two reports pass at
-               once, later every epoch shorter than 2 s lasts about 2 s. Two runs of this
-               bench read 2 workers faster with the 2 s poll in 5 of 6 rounds (1.45x vs 1.29x,
-               1.46x vs 1.21x); 8-epoch runs of the 2-worker case alone, 0.25 / 0.5 / 1 / 2 s
-               interleaved over 3 rounds, read the 2 s poll at 0.90-0.95x of 0.25 s, so these
-               cases are no evidence that commlab's poll costs the workers
+  ray-2w-1t-none-deferred  ray-2w-1t-none with train.grad_sync=deferred (one gradient
+               all-reduce after the backward pass, overlapped with the next batch's views)
+               instead of DDP's (every other 2-worker case)
+Ray Train's own controller poll (2 s) against commlab's (`trainer.REPORT_POLL_S`) is no longer
+a case: 8-epoch runs, 0.25 / 0.5 / 1 / 2 s interleaved over 3 rounds, read the 2 s poll at
+0.90-0.95x of 0.25 s.
 
 Ray runs as commlab starts it (`cluster.connect`: embedded, with the dashboard, whose State API
 Ray Train's placement-group cleaner polls; without it the cleaner retries and logs all the time).
@@ -34,7 +31,8 @@ so it includes reporting and checkpointing but not Ray's one-off startup (report
                worker code (build_run: DDP, gathered negatives, batchnorm_sync=none), so the
                difference to ray-2w-1t-none is what running under Ray Train costs
 The 1-thread cases run interleaved over --rounds rounds (plain-1t, ceiling, 1w, 2w all, head,
-none, gloo, then again; this machine's speed drifts by tens of percent within minutes); their
+none, gloo, deferred, then the same backwards; this machine's speed drifts by tens of percent
+within minutes); their
 figures are medians of per-round ratios with min-max. Overhead = 1 - ray-1w / plain (once) and
 1 - ray-1w-1t / plain-1t (per round); scaling = ray-2w-1t / ray-1w-1t (each worker on its own
 core with torch threads = 1, so the ratio measures data parallelism, not thread contention);
@@ -78,10 +76,8 @@ SCALING_CASES = [  # (label, workers, batchnorm_sync), interleaved per round
     ("ray-2w-1t-head", 2, "head"),
     ("ray-2w-1t-none", 2, "none"),
     ("gloo-2w-1t-none", 2, "none"),
-    ("ray-1w-1t-poll2s", 1, "all"),
-    ("ray-2w-1t-none-poll2s", 2, "none"),
+    ("ray-2w-1t-none-deferred", 2, "none"),
 ]
-RAY_DEFAULT_POLL_S = "2.0"  # Ray Train's own controller poll interval, which commlab shortens
 SYNC_SCOPE_CASES = {"all": "ray-2w-1t", "head": "ray-2w-1t-head", "none": "ray-2w-1t-none"}
 
 
@@ -136,25 +132,7 @@ def run_ray(
     cpus: float,
     storage: Path,
     scope: str = "all",
-    poll_s: str | None = None,
-) -> dict[str, Any]:
-    """A Ray Train run; `poll_s` sets the controller's poll interval for this run only."""
-    from commlab.train.trainer import REPORT_POLL_ENV
-
-    saved = os.environ.get(REPORT_POLL_ENV)
-    if poll_s is not None:
-        os.environ[REPORT_POLL_ENV] = poll_s
-    try:
-        tag = f"-poll{poll_s}s" if poll_s is not None else ""  # a fresh run name per case
-        return _run_ray(cfg, workers, cpus, storage, scope, tag)
-    finally:
-        os.environ.pop(REPORT_POLL_ENV, None)
-        if saved is not None:
-            os.environ[REPORT_POLL_ENV] = saved
-
-
-def _run_ray(
-    cfg: ExperimentConfig, workers: int, cpus: float, storage: Path, scope: str, tag: str
+    grad_sync: str = "ddp",
 ) -> dict[str, Any]:
     from commlab.train.trainer import RayTrainSettings, build_trainer
 
@@ -167,7 +145,8 @@ def _run_ray(
     )
     cfg = cfg.model_copy(deep=True)
     cfg.train.batchnorm_sync = scope  # type: ignore[assignment]
-    name = f"bench-{workers}w-{int(cpus)}c-{scope}bn{tag}"
+    cfg.train.grad_sync = grad_sync  # type: ignore[assignment]
+    name = f"bench-{workers}w-{int(cpus)}c-{scope}bn-{grad_sync}"
     trainer = build_trainer(cfg, settings, name=name, storage_path=str(storage))
     start = time.time()
     trainer.fit()
@@ -321,7 +300,9 @@ def main() -> None:
             print("ray-1w ...", flush=True)
             results["cases"]["ray-1w"] = with_load(run_ray, full, 1, float(cores), root / "ray")
             for r in range(args.rounds):
-                for label, workers, scope in SCALING_CASES:
+                # odd rounds in reverse order: a drift within a round skews its ratios both ways
+                cases = SCALING_CASES if r % 2 == 0 else SCALING_CASES[::-1]
+                for label, workers, scope in cases:
                     print(f"{label} (round {r + 1}/{args.rounds}) ...", flush=True)
                     if label == "plain-1t":
                         out = with_load(run_plain, one, root)
@@ -331,8 +312,8 @@ def main() -> None:
                         out = with_load(run_gloo, one, workers, scope)
                     else:
                         storage = root / f"ray-round{r}"  # each round's own checkpoints
-                        poll = RAY_DEFAULT_POLL_S if label.endswith("-poll2s") else None
-                        out = with_load(run_ray, one, workers, 1.0, storage, scope, poll)
+                        sync = "deferred" if label.endswith("-deferred") else "ddp"
+                        out = with_load(run_ray, one, workers, 1.0, storage, scope, sync)
                     per_round[label].append(out)
         finally:
             ray.shutdown()
@@ -365,8 +346,11 @@ def main() -> None:
         results[f"scaling_2w_vs_1w{suffix}_by_batchnorm_sync"] = by_scope
         results[f"scaling_2w_vs_1w{suffix}"] = by_scope["all"]["median"]
     results["scaling_2w_without_ray_loop"] = ratios("gloo-2w-1t-none", "loop_samples_per_s")
-    results["scaling_2w_vs_1w_none_ray_default_poll"] = ratios(
-        "ray-2w-1t-none-poll2s", "samples_per_s", "ray-1w-1t-poll2s"
+    results["scaling_2w_vs_1w_none_grad_sync_deferred"] = ratios(
+        "ray-2w-1t-none-deferred", "samples_per_s"
+    )
+    results["grad_sync_deferred_vs_ddp_2w_none"] = ratios(
+        "ray-2w-1t-none-deferred", "samples_per_s", "ray-2w-1t-none"
     )
     results["scaling_2w_vs_plain"] = c["ray-2w-1t"]["samples_per_s"] / c["plain"]["samples_per_s"]
     by = {(p["precision"], p["threads"]): p["samples_per_s"] for p in results["precision"]}
@@ -404,10 +388,12 @@ def main() -> None:
             f"({ratio['min']:.2f}-{ratio['max']:.2f} over {args.rounds} rounds); "
             f"training steps only {lp['median']:.2f}x ({lp['min']:.2f}-{lp['max']:.2f})"
         )
-    d = results["scaling_2w_vs_1w_none_ray_default_poll"]
+    d = results["scaling_2w_vs_1w_none_grad_sync_deferred"]
+    e = results["grad_sync_deferred_vs_ddp_2w_none"]
     print(
-        f"  sync none with Ray Train's default 2 s controller poll: {d['median']:.2f}x "
-        f"({d['min']:.2f}-{d['max']:.2f})"
+        f"  sync none, train.grad_sync=deferred: {d['median']:.2f}x "
+        f"({d['min']:.2f}-{d['max']:.2f}); deferred vs ddp: {e['median']:.2f}x "
+        f"({e['min']:.2f}-{e['max']:.2f})"
     )
     g = results["scaling_2w_without_ray_loop"]
     print(

@@ -285,10 +285,10 @@ class TrainConfig(_Strict):
     # only the projection head's (CoMM's contrastive statistics), or none (per-worker shards)
     batchnorm_sync: Literal["all", "head", "none"] = "all"
     # How data-parallel workers average gradients: `ddp` (DistributedDataParallel: bucketed
-    # all-reduces overlapping the backward pass), `deferred` (one all-reduce after the backward
-    # pass that overlaps the next batch's augmentation, with the non-finite-loss flag riding
-    # along), or `auto`: deferred on CPU, ddp on CUDA. The same averaged gradients either way.
-    grad_sync: Literal["auto", "ddp", "deferred"] = "auto"
+    # all-reduces overlapping the backward pass) or `deferred` (one all-reduce after the backward
+    # pass, overlapping the next batch's augmentation, the non-finite-loss flag riding along).
+    # The same averaged gradients either way; bench/ray_overhead.py measures both.
+    grad_sync: Literal["ddp", "deferred"] = "ddp"
     threads: Annotated[int, Field(ge=0)] = 0  # torch intra-op threads; 0 = leave torch's default
     out_dir: str = "runs"
     deterministic: bool = False

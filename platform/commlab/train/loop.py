@@ -87,15 +87,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_grad_sync(cfg: ExperimentConfig, ctx: WorkerContext) -> str:
-    """How this run averages gradients (`train.grad_sync`): "none" (one worker), "ddp" or
-    "deferred"; `auto` is deferred on CPU (the all-reduce then overlaps the next batch's
-    augmentation instead of competing with the backward pass for the same cores) and ddp on
-    CUDA (NCCL overlaps it with the backward pass on the GPU)."""
-    if ctx.world_size == 1:
-        return "none"
-    if cfg.train.grad_sync == "auto":
-        return "deferred" if ctx.device.type == "cpu" else "ddp"
-    return cfg.train.grad_sync
+    """How this run averages gradients: "none" with one worker, else `train.grad_sync`
+    ("ddp" or "deferred", see `PretrainRun._backward`)."""
+    return "none" if ctx.world_size == 1 else cfg.train.grad_sync
 
 
 def rank_seed(seed: int, rank: int) -> int:
