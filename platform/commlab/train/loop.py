@@ -388,7 +388,8 @@ class PretrainRun:
         step: with DDP (or one worker) the flag's all-reduce starts before the backward pass;
         with `deferred` gradient sync it rides in the gradients' own all-reduce, which the
         caller overlaps with the next batch's augmentation before calling the result."""
-        bad = torch.tensor([0.0 if torch.isfinite(out.loss.detach()) else 1.0])
+        # on the loss's device: NCCL all-reduces only CUDA tensors
+        bad = torch.isfinite(out.loss.detach()).logical_not().float().reshape(1)
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_sync != "deferred":
             bad_sum = dist.all_reduce_sum_later(bad)

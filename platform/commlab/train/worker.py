@@ -2,12 +2,13 @@
 
 Each of the N workers builds the same `PretrainRun` with its rank (DistributedSampler shard,
 negatives gathered across workers by the objectives), synchronises BatchNorm over the global
-batch (`train.batchnorm_sync`: all, head or none; none whenever `sync_batchnorm=False`), averages
-gradients with DDP or after the backward pass (`train.grad_sync`), and after every epoch calls `ray.train.report` with a
-checkpoint (a barrier every rank joins). Rank 0 writes `checkpoint.pt` (self-describing,
-`commlab.checkpoint_format`); every rank adds its own RNG state as `rng-rank<r>.pt` (Ray merges
-the ranks' directories). A restarted attempt resumes from `ray.train.get_checkpoint()`: model,
-optimiser, epoch (which fixes the LR schedule and the sampler's permutation) and RNG.
+batch (`train.batchnorm_sync`: all, head or none; none whenever `sync_batchnorm=False`),
+averages gradients with DDP or after the backward pass (`train.grad_sync`), and after every
+epoch calls `ray.train.report` with a checkpoint (a barrier every rank joins). Rank 0 writes
+`checkpoint.pt` (self-describing, `commlab.checkpoint_format`); every rank adds its own RNG
+state as `rng-rank<r>.pt` (Ray merges the ranks' directories). A restarted attempt resumes from
+`ray.train.get_checkpoint()`: model, optimiser, epoch (which fixes the LR schedule and the
+sampler's permutation) and RNG.
 
 Rank 0 alone logs to MLflow through `commlab.tracking`, into the run the driver opened: an
 epoch's metrics are logged only after its checkpoint was reported, and a resumed attempt first
