@@ -15,6 +15,10 @@ global batch 128, no probing. Every case trains the same epochs with a checkpoin
   ray-2w-1t-none-deferred  ray-2w-1t-none with train.grad_sync=deferred (one gradient
                all-reduce after the backward pass, overlapped with the next batch's views)
                instead of DDP's (every other 2-worker case)
+  ray-2w-1t-none-deferred-local  the same with loss.gather=false: each worker's negatives
+               are its own 64 rows, not the global 128, so the step has one collective
+               (the gradient all-reduce) instead of two. A different objective (half the
+               negatives per anchor), measured so a user can weigh speed against it
 Ray Train's own controller poll (2 s) against commlab's (`trainer.REPORT_POLL_S`) is no longer
 a case: 8-epoch runs, 0.25 / 0.5 / 1 / 2 s interleaved over 3 rounds, read the 2 s poll at
 0.90-0.95x of 0.25 s.
@@ -26,17 +30,21 @@ between consecutive epoch checkpoints (`created_at` inside checkpoint.pt), first
 so it includes reporting and checkpointing but not Ray's one-off startup (reported apart).
 `loop_samples_per_s` is the loop's own `perf/samples_per_s` (training steps only).
   ceiling-2p   2 independent in-process loops at once (batch 64 each, no communication): the
-               best any 2-worker run could do on this machine at this moment
+               best any 2-worker run could do on this machine at this moment; with each
+               process's per-step times it also gives the synchronous ceiling: a
+               synchronous run waits for the slower rank every step, so pairing the two
+               processes' k-th steps, ceiling / (sum of the slower step / mean total) is the
+               most a 2-worker run that communicates nothing but still waits could reach
   gloo-2w-1t-none  2 processes in a gloo process group on loopback, without Ray: the same
                worker code (build_run: DDP, gathered negatives, batchnorm_sync=none), so the
                difference to ray-2w-1t-none is what running under Ray Train costs
 The 1-thread cases run interleaved over --rounds rounds (plain-1t, ceiling, 1w, 2w all, head,
-none, gloo, deferred, then the same backwards; this machine's speed drifts by tens of percent
+none, gloo, deferred, deferred-local, then the same backwards; this machine's speed drifts by tens of percent
 within minutes); their
 figures are medians of per-round ratios with min-max. Overhead = 1 - ray-1w / plain (once) and
 1 - ray-1w-1t / plain-1t (per round); scaling = ray-2w-1t / ray-1w-1t (each worker on its own
 core with torch threads = 1, so the ratio measures data parallelism, not thread contention);
-ceiling = ceiling-2p / plain-1t.
+ceiling = ceiling-2p / plain-1t; sync ceiling = ceiling / step_skew.
 The precision section times 4-step epochs in this process, fp32 vs bf16-mixed (all cores,
 then 1 thread).
 
@@ -77,6 +85,7 @@ SCALING_CASES = [  # (label, workers, batchnorm_sync), interleaved per round
     ("ray-2w-1t-none", 2, "none"),
     ("gloo-2w-1t-none", 2, "none"),
     ("ray-2w-1t-none-deferred", 2, "none"),
+    ("ray-2w-1t-none-deferred-local", 2, "none"),
 ]
 SYNC_SCOPE_CASES = {"all": "ray-2w-1t", "head": "ray-2w-1t-head", "none": "ray-2w-1t-none"}
 
@@ -133,6 +142,7 @@ def run_ray(
     storage: Path,
     scope: str = "all",
     grad_sync: str = "ddp",
+    gather: bool = True,
 ) -> dict[str, Any]:
     from commlab.train.trainer import RayTrainSettings, build_trainer
 
@@ -146,7 +156,9 @@ def run_ray(
     cfg = cfg.model_copy(deep=True)
     cfg.train.batchnorm_sync = scope  # type: ignore[assignment]
     cfg.train.grad_sync = grad_sync  # type: ignore[assignment]
-    name = f"bench-{workers}w-{int(cpus)}c-{scope}bn-{grad_sync}"
+    cfg.loss.gather = gather
+    negatives = "global" if gather else "local"
+    name = f"bench-{workers}w-{int(cpus)}c-{scope}bn-{grad_sync}-{negatives}"
     trainer = build_trainer(cfg, settings, name=name, storage_path=str(storage))
     start = time.time()
     trainer.fit()
@@ -172,13 +184,37 @@ def run_ray(
 def _independent(q: Any, cfg_json: dict[str, Any]) -> None:
     cfg = ExperimentConfig.model_validate(cfg_json)
     run = PretrainRun(cfg)
+    ends: list[float] = []  # when each optimiser step returns: per-step times
+    step = run.optimizer.step
+
+    def timed_step(*args: Any, **kwargs: Any) -> Any:
+        out = step(*args, **kwargs)
+        ends.append(time.perf_counter())
+        return out
+
+    run.optimizer.step = timed_step  # type: ignore[method-assign]
     rates = [run.run_epoch(e)["perf/samples_per_s"] for e in range(cfg.train.epochs)]
-    q.put(statistics.median(rates[1:]))
+    steady_ends = ends[run.steps_per_epoch :]  # first epoch excluded, as for the rates
+    steps = [b - a for a, b in zip(steady_ends, steady_ends[1:], strict=False)]
+    q.put((statistics.median(rates[1:]), steps))
+
+
+def step_skew(steps: list[list[float]]) -> float:
+    """sum over steps of the slowest process's step time / the mean process's total time.
+
+    Independent processes each run at their own pace; a synchronous data-parallel run waits for
+    the slowest rank at every step. Pairing the processes' k-th steps, this is the factor by which
+    that waiting alone (no communication) would slow them: the ceiling divided by it is what a
+    synchronous run could reach at best on this machine now."""
+    n = min(len(s) for s in steps)
+    slowest = sum(max(s[k] for s in steps) for k in range(n))
+    return slowest / statistics.mean(sum(s[:n]) for s in steps)
 
 
 def run_ceiling(cfg: ExperimentConfig, procs: int) -> dict[str, Any]:
     """`procs` independent single-process loops at once, each on batch / procs samples, no
-    communication at all: the most any data-parallel run could get from this machine now."""
+    communication at all: the most any data-parallel run could get from this machine now, and
+    (`step_skew`) the part of it a synchronous run loses to waiting for the slowest rank."""
     import multiprocessing as mp
 
     c = cfg.model_copy(deep=True)
@@ -190,10 +226,16 @@ def run_ceiling(cfg: ExperimentConfig, procs: int) -> dict[str, Any]:
     ]
     for p in ps:
         p.start()
-    rates = [q.get() for _ in ps]
+    got = [q.get() for _ in ps]
     for p in ps:
         p.join()
-    return {"procs": procs, "loop_samples_per_s_each": rates, "loop_samples_per_s": sum(rates)}
+    rates = [rate for rate, _ in got]
+    return {
+        "procs": procs,
+        "loop_samples_per_s_each": rates,
+        "loop_samples_per_s": sum(rates),
+        "step_skew": step_skew([steps for _, steps in got]),
+    }
 
 
 def _gloo_rate(cfg_json: dict[str, Any], rank: int) -> float | None:
@@ -228,7 +270,7 @@ def run_gloo(cfg: ExperimentConfig, workers: int, scope: str) -> dict[str, Any]:
 
 def precision_case(cfg: ExperimentConfig, precision: str, threads: int) -> dict[str, Any]:
     c = cfg.model_copy(deep=True)
-    c.train.precision = precision
+    c.train.precision = precision  # type: ignore[assignment]
     c.train.threads = threads
     c.train.max_steps_per_epoch = 4
     run = PretrainRun(c)
@@ -312,8 +354,9 @@ def main() -> None:
                         out = with_load(run_gloo, one, workers, scope)
                     else:
                         storage = root / f"ray-round{r}"  # each round's own checkpoints
-                        sync = "deferred" if label.endswith("-deferred") else "ddp"
-                        out = with_load(run_ray, one, workers, 1.0, storage, scope, sync)
+                        sync = "deferred" if "-deferred" in label else "ddp"
+                        gather = not label.endswith("-local")
+                        out = with_load(run_ray, one, workers, 1.0, storage, scope, sync, gather)
                     per_round[label].append(out)
         finally:
             ray.shutdown()
@@ -341,11 +384,27 @@ def main() -> None:
     results["ray_overhead_1t"] = 1.0 - ratios("ray-1w-1t", "samples_per_s", "plain-1t")["median"]
 
     results["ceiling_2p_vs_1"] = ratios("ceiling-2p", "loop_samples_per_s", "plain-1t")
+    synced = [
+        c2["loop_samples_per_s"] / c2["step_skew"] / c1["loop_samples_per_s"]
+        for c2, c1 in zip(per_round["ceiling-2p"], per_round["plain-1t"], strict=True)
+    ]
+    skews = [c2["step_skew"] for c2 in per_round["ceiling-2p"]]
+    results["sync_ceiling_2p_vs_1"] = {
+        "median": statistics.median(synced),
+        "min": min(synced),
+        "max": max(synced),
+        "rounds": synced,
+        "step_skew": skews,
+        "step_skew_median": statistics.median(skews),
+    }
     for suffix, key in (("", "samples_per_s"), ("_loop", "loop_samples_per_s")):
         by_scope = {scope: ratios(label, key) for scope, label in SYNC_SCOPE_CASES.items()}
         results[f"scaling_2w_vs_1w{suffix}_by_batchnorm_sync"] = by_scope
         results[f"scaling_2w_vs_1w{suffix}"] = by_scope["all"]["median"]
     results["scaling_2w_without_ray_loop"] = ratios("gloo-2w-1t-none", "loop_samples_per_s")
+    results["scaling_2w_vs_1w_none_deferred_local_negatives"] = ratios(
+        "ray-2w-1t-none-deferred-local", "samples_per_s"
+    )
     results["scaling_2w_vs_1w_none_grad_sync_deferred"] = ratios(
         "ray-2w-1t-none-deferred", "samples_per_s"
     )
@@ -388,6 +447,11 @@ def main() -> None:
             f"({ratio['min']:.2f}-{ratio['max']:.2f} over {args.rounds} rounds); "
             f"training steps only {lp['median']:.2f}x ({lp['min']:.2f}-{lp['max']:.2f})"
         )
+    loc = results["scaling_2w_vs_1w_none_deferred_local_negatives"]
+    print(
+        f"  sync none, grad_sync=deferred, loss.gather=false (local negatives, a different "
+        f"objective): {loc['median']:.2f}x ({loc['min']:.2f}-{loc['max']:.2f})"
+    )
     d = results["scaling_2w_vs_1w_none_grad_sync_deferred"]
     e = results["grad_sync_deferred_vs_ddp_2w_none"]
     print(
@@ -404,6 +468,12 @@ def main() -> None:
     print(
         f"  ceiling: 2 independent processes (no communication) vs 1 in-process: "
         f"{ceil['median']:.2f}x ({ceil['min']:.2f}-{ceil['max']:.2f}; training steps only)"
+    )
+    sc = results["sync_ceiling_2p_vs_1"]
+    print(
+        f"  synchronous ceiling (the same, waiting each step for the slower process): "
+        f"{sc['median']:.2f}x ({sc['min']:.2f}-{sc['max']:.2f}); waiting costs "
+        f"{100 * (sc['step_skew_median'] - 1):.1f} % of a step"
     )
     for p in results["precision"]:
         print(
