@@ -2,7 +2,9 @@
 
 The smoke pretraining (configs/trifeatures/smoke.yaml: 32 px Trifeatures, 3000 unbiased pairs,
 4 epochs, global batch 128) on Ray Train with 1 worker (the reference) and with 2 workers for each
-BatchNorm sync scope (all / head / none), 1 CPU and 1 torch thread per worker. Every run probes all
+BatchNorm sync scope (all / head / none), 1 CPU and 1 torch thread per worker, plus `none` with
+per-worker negatives and deferred gradient averaging (`2w-none-deferred-local`, the fastest
+2-worker setting, a different objective). Every run probes all
 tasks after its last epoch (the numbers come from its last checkpoint). Prints redundancy
 (`share`), uniqueness (`unique1`), the other probes and the steady epoch throughput, so a user can
 pick a scope with numbers. Synergy needs biased pretraining and is not part of this workload.
@@ -22,10 +24,26 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = [(1, "all"), (2, "all"), (2, "head"), (2, "none")]
+# (workers, batchnorm_sync, variant); the variant `deferred-local` adds train.grad_sync=deferred
+# and loss.gather=false: per-worker negatives (64 per anchor, not the global 128), a different
+# objective that leaves each step one collective, measured so its cost in R/U/S is known
+CASES = [
+    (1, "all", ""),
+    (2, "all", ""),
+    (2, "head", ""),
+    (2, "none", ""),
+    (2, "none", "deferred-local"),
+]
+VARIANTS = {"": [], "deferred-local": ["train.grad_sync=deferred", "loss.gather=false"]}
 
 
-def run_case(workers: int, scope: str, seed: int, epochs: int, storage: Path) -> dict[str, Any]:
+def case_key(workers: int, scope: str, variant: str) -> str:
+    return f"{workers}w-{scope}" + (f"-{variant}" if variant else "")
+
+
+def run_case(
+    workers: int, scope: str, variant: str, seed: int, epochs: int, storage: Path
+) -> dict[str, Any]:
     from commlab.checkpoint_format import load_checkpoint
     from commlab.config import load_config
     from commlab.train.trainer import RayTrainSettings, build_trainer
@@ -40,12 +58,13 @@ def run_case(workers: int, scope: str, seed: int, epochs: int, storage: Path) ->
             "train.threads=1",
             f"train.batchnorm_sync={scope}",
             f"data.path={REPO / 'data' / 'trifeatures'}",
+            *VARIANTS[variant],
         ],
     )
     settings = RayTrainSettings(
         workers=workers, cpus_per_worker=1, num_to_keep=None, tracking=False, max_failures=0
     )
-    name = f"bnsync-{workers}w-{scope}-s{seed}"
+    name = f"bnsync-{case_key(workers, scope, variant)}-s{seed}"
     t0 = time.time()
     build_trainer(cfg, settings, name=name, storage_path=str(storage)).fit()
     wall = time.time() - t0
@@ -65,6 +84,7 @@ def run_case(workers: int, scope: str, seed: int, epochs: int, storage: Path) ->
     row = {
         "workers": workers,
         "batchnorm_sync": scope,
+        "variant": variant,
         "seed": seed,
         "redundancy": probes.get("share"),
         "uniqueness": probes.get("unique1"),
@@ -76,7 +96,7 @@ def run_case(workers: int, scope: str, seed: int, epochs: int, storage: Path) ->
         "loadavg_1m": os.getloadavg()[0],
     }
     print(
-        f"  {workers} worker(s), sync {scope:<4} seed {seed}: redundancy {row['redundancy']:.3f} "
+        f"  {case_key(workers, scope, variant):<20} seed {seed}: redundancy {row['redundancy']:.3f} "
         f"uniqueness {row['uniqueness']:.3f}  {row['samples_per_s']:.0f} samples/s "
         f"({wall:.0f}s, load {row['loadavg_1m']:.1f})",
         flush=True,
@@ -106,24 +126,24 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for seed in args.seeds:
-                for workers, scope in CASES:
-                    rows.append(run_case(workers, scope, seed, args.epochs, Path(tmp)))
+                for workers, scope, variant in CASES:
+                    rows.append(run_case(workers, scope, variant, seed, args.epochs, Path(tmp)))
     finally:
         ray.shutdown()
     table: dict[str, dict[str, float]] = {}
-    for workers, scope in CASES:
-        mine = [r for r in rows if r["workers"] == workers and r["batchnorm_sync"] == scope]
-        key = f"{workers}w-{scope}"
+    for workers, scope, variant in CASES:
+        key = case_key(workers, scope, variant)
+        mine = [r for r in rows if case_key(r["workers"], r["batchnorm_sync"], r["variant"]) == key]
         table[key] = {
             m: statistics.mean(r[m] for r in mine)
             for m in ("redundancy", "uniqueness", "samples_per_s")
         }
     base = table["1w-all"]["samples_per_s"]
-    print(f"\n{'case':<8} {'redundancy':>10} {'uniqueness':>10} {'samples/s':>10} {'vs 1w':>6}")
+    print(f"\n{'case':<20} {'redundancy':>10} {'uniqueness':>10} {'samples/s':>10} {'vs 1w':>6}")
     for key, v in table.items():
         v["scaling_vs_1w"] = v["samples_per_s"] / base
         print(
-            f"{key:<8} {v['redundancy']:10.3f} {v['uniqueness']:10.3f} "
+            f"{key:<20} {v['redundancy']:10.3f} {v['uniqueness']:10.3f} "
             f"{v['samples_per_s']:10.0f} {v['scaling_vs_1w']:6.2f}"
         )
     out = Path(args.out)
