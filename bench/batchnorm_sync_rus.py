@@ -8,6 +8,8 @@ per-worker negatives and deferred gradient averaging (`2w-none-deferred-local`, 
 tasks after its last epoch (the numbers come from its last checkpoint). Prints redundancy
 (`share`), uniqueness (`unique1`), the other probes and the steady epoch throughput, so a user can
 pick a scope with numbers. Synergy needs biased pretraining and is not part of this workload.
+The throughput column is one run per case and seed, run one after another, not interleaved:
+for speed, `bench/ray_overhead.py`'s interleaved rounds are the figures to use.
 
     python bench/batchnorm_sync_rus.py [--epochs 4] [--seeds 0] [--out ...]
 """
