@@ -39,9 +39,8 @@ so it includes reporting and checkpointing but not Ray's one-off startup (report
                worker code (build_run: DDP, gathered negatives, batchnorm_sync=none), so the
                difference to ray-2w-1t-none is what running under Ray Train costs
 The 1-thread cases run interleaved over --rounds rounds (plain-1t, ceiling, 1w, 2w all, head,
-none, gloo, deferred, deferred-local, then the same backwards; this machine's speed drifts by tens of percent
-within minutes); their
-figures are medians of per-round ratios with min-max. Overhead = 1 - ray-1w / plain (once) and
+none, gloo, deferred, deferred-local, then the same backwards; this machine's speed drifts by
+tens of percent within minutes); their figures are medians of per-round ratios with min-max. Overhead = 1 - ray-1w / plain (once) and
 1 - ray-1w-1t / plain-1t (per round); scaling = ray-2w-1t / ray-1w-1t (each worker on its own
 core with torch threads = 1, so the ratio measures data parallelism, not thread contention);
 ceiling = ceiling-2p / plain-1t; sync ceiling = ceiling / step_skew.
@@ -88,6 +87,11 @@ SCALING_CASES = [  # (label, workers, batchnorm_sync), interleaved per round
     ("ray-2w-1t-none-deferred-local", 2, "none"),
 ]
 SYNC_SCOPE_CASES = {"all": "ray-2w-1t", "head": "ray-2w-1t-head", "none": "ray-2w-1t-none"}
+# (train.grad_sync, loss.gather) of the Ray cases that differ from ("ddp", True)
+RAY_VARIANTS = {
+    "ray-2w-1t-none-deferred": ("deferred", True),
+    "ray-2w-1t-none-deferred-local": ("deferred", False),
+}
 
 
 def make_config(data_root: Path, pairs: int, epochs: int, *extra: str) -> ExperimentConfig:
@@ -291,6 +295,11 @@ def with_load(fn: Any, *args: Any) -> dict[str, Any]:
     return out
 
 
+def spread(xs: list[float]) -> dict[str, Any]:
+    """Per-round figures summarised: median, min, max and the rounds themselves."""
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "rounds": xs}
+
+
 def machine() -> dict[str, Any]:
     import ray
 
@@ -354,8 +363,7 @@ def main() -> None:
                         out = with_load(run_gloo, one, workers, scope)
                     else:
                         storage = root / f"ray-round{r}"  # each round's own checkpoints
-                        sync = "deferred" if "-deferred" in label else "ddp"
-                        gather = not label.endswith("-local")
+                        sync, gather = RAY_VARIANTS.get(label, ("ddp", True))
                         out = with_load(run_ray, one, workers, 1.0, storage, scope, sync, gather)
                     per_round[label].append(out)
         finally:
@@ -378,8 +386,9 @@ def main() -> None:
 
     def ratios(label: str, key: str, base: str = "ray-1w-1t") -> dict[str, Any]:
         """label / base per round on `key`: median, min, max, the rounds."""
-        xs = [a[key] / b[key] for a, b in zip(per_round[label], per_round[base], strict=True)]
-        return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "rounds": xs}
+        return spread(
+            [a[key] / b[key] for a, b in zip(per_round[label], per_round[base], strict=True)]
+        )
 
     results["ray_overhead_1t"] = 1.0 - ratios("ray-1w-1t", "samples_per_s", "plain-1t")["median"]
 
@@ -390,10 +399,7 @@ def main() -> None:
     ]
     skews = [c2["step_skew"] for c2 in per_round["ceiling-2p"]]
     results["sync_ceiling_2p_vs_1"] = {
-        "median": statistics.median(synced),
-        "min": min(synced),
-        "max": max(synced),
-        "rounds": synced,
+        **spread(synced),
         "step_skew": skews,
         "step_skew_median": statistics.median(skews),
     }
